@@ -1,0 +1,137 @@
+"""End-to-end feature extraction speed: transferlab's pipeline vs two baselines, same run.
+
+    .venv/bin/python benchmarks/extract.py [--data ../shared/datasets/cats_vs_dogs_small]
+
+(a) naive: torchvision ImageFolder + Resize/CenterCrop/ToTensor/Normalize, DataLoader defaults,
+    the same timm model in eager NCHW;
+(b) eager PyTorch channels_last fed by transferlab's decode (same workers, same batches);
+(c) transferlab: decode in worker processes ‖ the exported base on the fastest engine.
+All three start from files on disk and end with a (n, D) feature matrix; the feature cache is
+bypassed. Then a cold `fit` (empty cache, export included) and a warm re-fit are timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+def all_images(data: Path) -> list[str]:
+    return sorted(str(p) for p in data.rglob("*.jpg"))
+
+
+def naive(spec: str, data: Path) -> tuple[float, np.ndarray]:
+    import timm
+    from torchvision import datasets, transforms
+
+    model = timm.create_model(spec, pretrained=True, num_classes=0).eval()
+    cfg = timm.data.resolve_model_data_config(model)
+    size = cfg["input_size"][-1]
+    tf = transforms.Compose(
+        [
+            transforms.Resize(int(size / cfg["crop_pct"])),
+            transforms.CenterCrop(size),
+            transforms.ToTensor(),
+            transforms.Normalize(cfg["mean"], cfg["std"]),
+        ]
+    )
+    splits = [datasets.ImageFolder(str(d), tf) for d in sorted(data.iterdir()) if d.is_dir()]
+    ds = torch.utils.data.ConcatDataset(splits)
+    t0 = time.perf_counter()
+    out = []
+    with torch.inference_mode():
+        for x, _ in torch.utils.data.DataLoader(ds, batch_size=32):
+            out.append(model(x))
+    return time.perf_counter() - t0, torch.cat(out).numpy()
+
+
+def eager_channels_last(spec: str, paths: list[str]) -> tuple[float, np.ndarray]:
+    from transferlab.backbones import create_backbone
+    from transferlab.data.loader import iter_decoded
+
+    bb = create_backbone(spec)
+    model = bb.model.to(memory_format=torch.channels_last)
+    mean = torch.tensor(bb.preprocess.mean).view(1, 3, 1, 1) * 255
+    std = torch.tensor(bb.preprocess.std).view(1, 3, 1, 1) * 255
+    t0 = time.perf_counter()
+    out = []
+    with torch.inference_mode():
+        for batch in iter_decoded(paths, bb.preprocess, batch_size=32):
+            x = (torch.from_numpy(batch.images).float() - mean) / std
+            out.append(model(x.contiguous(memory_format=torch.channels_last)))
+    return time.perf_counter() - t0, torch.cat(out).numpy()
+
+
+def transferlab_pipeline(spec: str, paths: list[str], export_dir: Path) -> tuple[float, float, str]:
+    from transferlab.backbones import create_backbone
+    from transferlab.data.loader import iter_decoded
+    from transferlab.runtime import make_runtime
+
+    bb = create_backbone(spec)
+    t0 = time.perf_counter()
+    runtime = make_runtime(bb, export_dir=export_dir)
+    export_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    n = 0
+    for batch in iter_decoded(paths, bb.preprocess, batch_size=32):
+        runtime(batch.images)
+        n += len(batch.indices)
+    return time.perf_counter() - t0, export_s, runtime.engine
+
+
+def timed_fit(data: Path, spec: str, cache: Path) -> tuple[float, float]:
+    import transferlab
+
+    t0 = time.perf_counter()
+    clf = transferlab.fit(data, backbone=spec, cache_dir=str(cache))
+    return time.perf_counter() - t0, clf.metrics["test"]["accuracy"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=SHARED / "datasets" / "cats_vs_dogs_small")
+    ap.add_argument(
+        "--backbone",
+        default=f"local-dir:{SHARED / 'weights' / 'mobilenetv2_100.tf_quant_in1k'}",
+    )
+    ap.add_argument("--skip-naive", action="store_true", help="the slowest baseline (~40 s)")
+    args = ap.parse_args()
+    if not args.data.is_dir():
+        sys.exit(f"{args.data}: not found (the benchmark needs ../shared)")
+    os.environ.setdefault("TRANSFERLAB_QUIET", "1")
+    torch.set_num_threads(os.cpu_count() or 1)
+    paths = all_images(args.data)
+    n = len(paths)
+    print(f"{n} images, {os.cpu_count()} cores, torch {torch.__version__}")
+    tmp = Path(tempfile.mkdtemp(prefix="tl-bench-"))
+    try:
+        ours_s, export_s, engine = transferlab_pipeline(args.backbone, paths, tmp / "exports")
+        print(f"(c) transferlab [{engine}]: {n / ours_s:7.1f} img/s  ({ours_s:.1f} s; export {export_s:.1f} s)")
+        cl_s, _ = eager_channels_last(args.backbone, paths)
+        print(f"(b) eager channels_last    : {n / cl_s:7.1f} img/s  ({cl_s:.1f} s)")
+        if not args.skip_naive:
+            naive_s, _ = naive(args.backbone, args.data)
+            print(f"(a) naive ImageFolder NCHW : {n / naive_s:7.1f} img/s  ({naive_s:.1f} s)")
+            print(f"speed-up vs (a): {naive_s / ours_s:.2f}x   (target >= 4x)")
+        print(f"speed-up vs (b): {cl_s / ours_s:.2f}x   (target >= 2.5x)")
+        cold_s, acc = timed_fit(args.data, args.backbone, tmp / "cache")
+        warm_s, acc2 = timed_fit(args.data, args.backbone, tmp / "cache")
+        print(f"cold fit (empty cache, export included): {cold_s:.1f} s  (target <= 25 s), test acc {acc:.4f}")
+        print(f"warm re-fit (cache hit):                 {warm_s:.1f} s  (target <= 3 s), test acc {acc2:.4f}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Evaluation of trained classifiers: metrics, confidence intervals, calibration, comparisons."""

@@ -1,0 +1,123 @@
+"""Bottleneck features for a list of images: cache lookup, then decode ‖ frozen base for misses.
+
+Decoding runs in worker processes while the main process runs the backbone on the previous
+batch (see ``data.loader.iter_decoded``), so the slower of the two sets the pace.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from transferlab.backbones import Backbone
+from transferlab.cache import FeatureCache
+from transferlab.data.images import MAX_PIXELS
+from transferlab.data.loader import iter_decoded
+from transferlab.runtime import FeatureRuntime, make_runtime
+
+
+@dataclass
+class Extracted:
+    """Features in input order; rows of failed images are zero and ``ok`` is False there."""
+
+    features: np.ndarray
+    ok: np.ndarray
+    failures: list[tuple[str, str]]  # (path, reason)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class FeatureExtractor:
+    """A backbone + its fastest runtime + the feature cache, built once and reused."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        *,
+        cache: FeatureCache | None = None,
+        engine: str = "auto",
+        batch_size: int = 32,
+        workers: int | None = None,
+        max_pixels: int = MAX_PIXELS,
+        identity: str | None = None,
+    ) -> None:
+        self.backbone = backbone
+        self.cache = cache if cache is not None else FeatureCache()
+        self.store = self.cache.namespace(identity or backbone.identity())
+        self.engine = engine
+        self.batch_size = batch_size
+        self.workers = workers
+        self.max_pixels = max_pixels
+        self._runtime: FeatureRuntime | None = None
+
+    @property
+    def runtime(self) -> FeatureRuntime:
+        # Built lazily: a warm re-fit served entirely from the cache never exports the model.
+        if self._runtime is None:
+            self._runtime = make_runtime(
+                self.backbone, engine=self.engine, export_dir=self.cache.exports_dir
+            )
+        return self._runtime
+
+    def __call__(
+        self,
+        paths: Sequence[str],
+        digests: Sequence[str],
+        *,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> Extracted:
+        t0 = time.perf_counter()
+        n, dim = len(paths), self.backbone.num_features
+        features = np.zeros((n, dim), dtype=np.float32)
+        ok = np.zeros(n, dtype=bool)
+        hits = self.store.get_many(list(dict.fromkeys(digests)))
+        misses: list[int] = []
+        for i, d in enumerate(digests):
+            if d in hits:
+                features[i] = hits[d]
+                ok[i] = True
+            else:
+                misses.append(i)
+        if on_progress and n - len(misses):
+            on_progress(n - len(misses))
+        failures: list[tuple[str, str]] = []
+        t1 = time.perf_counter()
+        if misses:
+            miss_paths = [paths[i] for i in misses]
+            for batch in iter_decoded(
+                miss_paths,
+                self.backbone.preprocess,
+                batch_size=self.batch_size,
+                workers=self.workers,
+                max_pixels=self.max_pixels,
+            ):
+                for j, reason in batch.failures:
+                    failures.append((miss_paths[j], reason))
+                if len(batch.indices):
+                    feats = self.runtime(batch.images)
+                    rows = [misses[j] for j in batch.indices]
+                    features[rows] = feats
+                    ok[rows] = True
+                    self.store.put_many({digests[r]: f for r, f in zip(rows, feats, strict=True)})
+                if on_progress:
+                    on_progress(len(batch.indices) + len(batch.failures))
+        t2 = time.perf_counter()
+        computed = len(misses) - len(failures)
+        return Extracted(
+            features=features,
+            ok=ok,
+            failures=failures,
+            stats={
+                "images": n,
+                "cache_hits": n - len(misses),
+                "computed": computed,
+                "failed": len(failures),
+                "cache_read_s": t1 - t0,
+                "extract_s": t2 - t1,
+                "images_per_s": computed / (t2 - t1) if computed and t2 > t1 else 0.0,
+                "engine": self._runtime.engine if self._runtime else "cache",
+            },
+        )

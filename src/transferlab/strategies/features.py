@@ -1,0 +1,84 @@
+"""The frozen pretrained base as a feature extractor: cached bottleneck features + a small head.
+
+The base runs once per image ever (the cache is keyed by content + backbone + preprocessing);
+fitting a head on 1,000 cached 1280-d vectors takes a second, so trying another head, seed or
+L2 strength costs nothing.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from transferlab.errors import TransferlabError
+from transferlab.heads import FittedHead, fit_head
+from transferlab.model import ClassifierNet, timm_body_recipe
+from transferlab.progress import progress
+from transferlab.strategies import Split, StrategyContext, StrategyResult
+
+
+def split_features(ctx: StrategyContext, split: Split, name: str) -> np.ndarray:
+    """Bottleneck features of one split, from the cache where possible."""
+    ex = ctx.extractor()
+    with progress(len(split), f"features [{name}]") as advance:
+        got = ex(split.paths, split.digests, on_progress=advance)
+    if got.failures:
+        # The scan already decoded every file; a failure here means the file changed since.
+        path, reason = got.failures[0]
+        raise TransferlabError(f"{path}: {reason} (the file changed during the run?)")
+    ctx.timings[f"extract_{name}_s"] = got.stats["cache_read_s"] + got.stats["extract_s"]
+    ctx.extract_stats.append(got.stats)
+    return got.features
+
+
+def fit_head_on_features(ctx: StrategyContext) -> tuple[FittedHead, dict[str, np.ndarray]]:
+    """Phase 1 of every pretrained strategy: a head on cached features, plus val/test probs."""
+    cfg = ctx.config
+    feats = {
+        name: split_features(ctx, split, name)
+        for name, split in (("train", ctx.train), ("val", ctx.val), ("test", ctx.test))
+        if split is not None and len(split)
+    }
+    t0 = time.perf_counter()
+    fitted = fit_head(
+        cfg.head,
+        feats["train"],
+        ctx.train.labels,
+        feats.get("val"),
+        ctx.val.labels if "val" in feats else None,
+        num_classes=len(ctx.classes),
+        class_weight=cfg.class_weight,
+        seed=cfg.seed,
+    )
+    ctx.timings["head_fit_s"] = time.perf_counter() - t0
+    fitted.module.eval()
+    probs = {}
+    import torch
+
+    with torch.inference_mode():
+        for name in ("val", "test"):
+            if name in feats:
+                logits = fitted.module(torch.from_numpy(feats[name]))
+                probs[name] = torch.softmax(logits, dim=1).numpy()
+    return fitted, probs
+
+
+def run(ctx: StrategyContext) -> StrategyResult:
+    backbone = ctx.backbone()
+    fitted, probs = fit_head_on_features(ctx)
+    net = ClassifierNet(backbone.model, fitted.module).eval()
+    return StrategyResult(
+        net=net,
+        preprocess=backbone.preprocess,
+        body={
+            "spec": backbone.spec,
+            "weights_hash": backbone.weights_hash,
+            "recipe": timm_body_recipe(backbone.spec, backbone.model),
+            "trained": False,
+        },
+        head=fitted.spec,
+        history=fitted.history,
+        probs=probs,
+        info={"trainable_params": sum(p.numel() for p in fitted.module.parameters())},
+    )

@@ -1,0 +1,73 @@
+"""The command line: real subprocesses, as a user runs them."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+from test_api import COLOURS, TINY, _photo
+
+
+def tl(*args, cwd=None, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "transferlab", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=300,
+    )
+
+
+def test_user_errors_are_one_line_not_a_traceback(tmp_path):
+    r = tl("fit", tmp_path / "nope", "--out", tmp_path / "run")
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert "nope" in r.stderr and "error:" in r.stderr
+    r = tl("predict", tmp_path, tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "model.json" in r.stderr
+
+
+def test_fit_evaluate_predict_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    for split, n in (("train", 10), ("val", 4), ("test", 4)):
+        for cls, colour in COLOURS.items():
+            for i in range(n):
+                _photo(data / split / cls / f"{cls}.{i}.jpg", colour, rng)
+    (tmp_path / "photos").mkdir()
+    _photo(tmp_path / "photos" / "ünïcode red.jpg", COLOURS["red"], rng)
+    (tmp_path / "photos" / "broken.jpg").write_text("hello")
+    run = tmp_path / "run"
+    common = ["--cache-dir", tmp_path / "cache", "--workers", "0"]
+    r = tl(
+        "fit",
+        data,
+        "--out",
+        run,
+        "--backbone",
+        TINY,
+        "--no-pretrained",
+        "--engine",
+        "torch",
+        *common,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "test accuracy" in r.stdout
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test"]["accuracy"] >= 0.85
+
+    r = tl("evaluate", run, data, "--split", "val", "--json", tmp_path / "val.json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "val.json").read_text())["accuracy"] == metrics["val"]["accuracy"]
+
+    r = tl("predict", run, tmp_path / "photos", "--top-k", "2", "--format", "csv")
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(io.StringIO(r.stdout)))
+    assert len(rows) == 1 and rows[0]["label1"] == "red"
+    assert abs(float(rows[0]["prob1"]) + float(rows[0]["prob2"]) - 1) < 1e-4
+    assert "broken.jpg" in r.stderr and "1 unreadable" in r.stderr
