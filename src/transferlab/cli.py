@@ -39,7 +39,8 @@ def main() -> None:
 
 def _print_counts(counts: dict[str, dict[str, int]], title: str) -> None:
     classes = sorted({c for per in counts.values() for c in per})
-    table = Table(title=title)
+    out_console.print(f"[bold]{title}[/bold]", highlight=False)
+    table = Table()
     table.add_column("class")
     for split in counts:
         table.add_column(split, justify="right")

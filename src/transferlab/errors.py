@@ -20,3 +20,6 @@ class ImageError(TransferlabError):
         super().__init__(f"{path}: {reason}")
         self.path = str(path)
         self.reason = reason
+
+    def __reduce__(self):  # picklable across worker processes despite the 2-arg constructor
+        return (ImageError, (self.path, self.reason))

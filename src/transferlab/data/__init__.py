@@ -1,0 +1,12 @@
+"""From files on disk to uint8 arrays the backbone can eat.
+
+- :mod:`~transferlab.data.discover`: any supported layout → a :class:`DatasetIndex` of
+  (path, label, split) rows, reproducible carved splits, listed problems, leakage checks.
+- :mod:`~transferlab.data.split`: the ``transferlab split`` command's folder materialiser.
+- :mod:`~transferlab.data.images`: safe decoding (clear errors, every colour mode → RGB) and the
+  backbone's eval geometry.
+- :mod:`~transferlab.data.loader`: multi-process, in-order batch decoding for feature extraction.
+
+Submodules are imported directly (``from transferlab.data.images import load_image``): this
+package imports nothing itself, so decode workers start without loading unrelated code.
+"""

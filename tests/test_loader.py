@@ -1,0 +1,87 @@
+"""``iter_decoded``: order, failures by index, in-process == worker processes, clean early stop."""
+
+from __future__ import annotations
+
+import multiprocessing
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_image
+from transferlab.data import loader
+from transferlab.data.images import load_image
+from transferlab.data.loader import DecodedBatch, iter_decoded
+from transferlab.preprocess import Preprocess
+
+PRE = Preprocess((24, 24), "bicubic", 0.875)
+
+
+@pytest.fixture
+def sources(tmp_path: Path) -> list[str]:
+    """11 files: 9 good images of varied size/format, one corrupt (index 3), one missing (7)."""
+    paths = []
+    for i in range(11):
+        ext = ".jpg" if i % 2 else ".png"
+        paths.append(str(make_image(tmp_path / f"img{i}{ext}", (30 + 5 * i, 40 - i), seed=i)))
+    Path(paths[3]).write_bytes(b"not really an image")
+    Path(paths[7]).unlink()
+    return paths
+
+
+def _collect(batches: list[DecodedBatch]) -> tuple[list[int], np.ndarray, list[tuple[int, str]]]:
+    indices = [i for b in batches for i in b.indices]
+    images = np.concatenate([b.images for b in batches])
+    failures = [f for b in batches for f in b.failures]
+    return indices, images, failures
+
+
+def test_order_failures_and_equality_with_load_image(sources: list[str]) -> None:
+    batches = list(iter_decoded(sources, PRE, batch_size=4, workers=0))
+    assert len(batches) == 3  # fixed slices of 4, 4, 3 sources
+    for batch in batches:
+        assert batch.images.shape == (len(batch.indices), 3, 24, 24)
+        assert batch.images.dtype == np.uint8
+    indices, images, failures = _collect(batches)
+    assert indices == [0, 1, 2, 4, 5, 6, 8, 9, 10]
+    assert [i for i, _ in failures] == [3, 7]
+    assert failures[0][1] == "not an image file (cannot identify format)"
+    assert failures[1][1] == "file not found"
+    for row, index in enumerate(indices):
+        assert np.array_equal(images[row], load_image(sources[index], PRE))
+
+
+def _shm_names() -> set[str]:
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.iterdir()} if shm.is_dir() else set()
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-memory", "pickled"])
+def test_worker_processes_give_identical_arrays(
+    sources: list[str], shared: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not shared:  # the fallback where /dev/shm is missing or too small
+        monkeypatch.setattr(loader._SharedSlots, "create", lambda count, shape: None)
+    before = _shm_names()
+    in_process = _collect(list(iter_decoded(sources, PRE, batch_size=3, workers=0)))
+    two = _collect(list(iter_decoded(sources, PRE, batch_size=3, workers=2)))
+    assert in_process[0] == two[0] and in_process[2] == two[2]
+    assert np.array_equal(in_process[1], two[1])
+    assert multiprocessing.active_children() == []
+    assert _shm_names() == before  # shared blocks unlinked
+
+
+def test_early_stop_leaves_no_processes(sources: list[str]) -> None:
+    before = _shm_names()
+    batches = iter_decoded(sources * 4, PRE, batch_size=2, workers=2)
+    first = next(batches)
+    assert first.indices == [0, 1]
+    batches.close()  # what a `break` out of a for loop does
+    assert multiprocessing.active_children() == []
+    assert _shm_names() == before
+
+
+def test_empty_input_and_bad_batch_size() -> None:
+    assert list(iter_decoded([], PRE, workers=2)) == []
+    with pytest.raises(ValueError, match="batch_size"):
+        list(iter_decoded(["x.jpg"], PRE, batch_size=0))
