@@ -1,0 +1,308 @@
+"""Backbone creation, identity, errors, discovery and stages (tiny random models, no network)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from transferlab import backbones
+from transferlab.backbones import (
+    Backbone,
+    BackboneInfo,
+    create_backbone,
+    list_backbones,
+    stage_modules,
+)
+from transferlab.errors import TransferlabError
+
+TINY_ARCH = "mobilenetv2_050"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("TRANSFERLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TRANSFERLAB_WEIGHTS", raising=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # OpenMP barriers on a shared, oversubscribed 2-core box make even tiny forwards take seconds.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_local_dir(
+    folder: Path, *, arch: str = TINY_ARCH, size: int = 64, seed: int = 0, weights: bool = True
+) -> Path:
+    """A timm local-dir folder (config.json + model.safetensors) holding random weights."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = timm.create_model(arch, pretrained=False, num_classes=10)
+    config = {
+        "architecture": arch,
+        "num_classes": 10,
+        "num_features": model.num_features,
+        "pretrained_cfg": {
+            "input_size": [3, size, size],
+            "interpolation": "bilinear",
+            "crop_pct": 0.875,
+            "crop_mode": "center",
+            "mean": [0.5, 0.5, 0.5],
+            "std": [0.5, 0.5, 0.5],
+            "num_classes": 10,
+            "first_conv": model.pretrained_cfg["first_conv"],
+            "classifier": model.pretrained_cfg["classifier"],
+        },
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    if weights:
+        save_file(
+            {k: v.contiguous() for k, v in model.state_dict().items()}, folder / "model.safetensors"
+        )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return make_local_dir(tmp_path_factory.mktemp("weights") / "tiny_mnv2")
+
+
+def test_local_dir_backbone_takes_preprocess_from_config(tiny_dir):
+    bb = create_backbone(f"local-dir:{tiny_dir}")
+    assert bb.pretrained and not bb.model.training
+    assert bb.spec == f"local-dir:{tiny_dir.resolve()}"
+    assert bb.preprocess.input_size == (64, 64)
+    assert bb.preprocess.mean == (0.5, 0.5, 0.5) and bb.preprocess.std == (0.5, 0.5, 0.5)
+    assert bb.preprocess.interpolation == "bilinear"
+    assert bb.num_features == 1280
+    assert bb.weights_hash == backbones.file_sha256(tiny_dir / "model.safetensors")
+    assert len(bb.weights_hash) == 64
+    with torch.inference_mode():
+        assert bb.model(torch.zeros(2, 3, 64, 64)).shape == (2, 1280)
+
+
+def test_plain_path_is_local_dir_and_identity_ignores_spelling(tiny_dir, monkeypatch):
+    monkeypatch.chdir(tiny_dir.parent)
+    a = create_backbone(f"./{tiny_dir.name}")
+    b = create_backbone(f"local-dir:{tiny_dir}")
+    assert a.spec == b.spec and a.identity() == b.identity()
+
+
+def test_identity_changes_with_weights_preprocess_and_architecture(tiny_dir, tmp_path):
+    base = create_backbone(f"local-dir:{tiny_dir}")
+    ident = base.identity()
+    assert ident == f"{base.spec}|{base.weights_hash}|{base.preprocess.key()}"
+    short = base.identity_hash()
+    assert short.startswith("tiny_mnv2-") and re.fullmatch(r"[\w.-]+", short)  # filename-safe
+    pp = base.preprocess
+    variants = [
+        dataclasses.replace(base, spec="local-dir:/elsewhere/tiny_mnv2"),
+        dataclasses.replace(base, weights_hash="0" * 64),
+        dataclasses.replace(base, preprocess=dataclasses.replace(pp, mean=(0.485, 0.456, 0.406))),
+        dataclasses.replace(base, preprocess=dataclasses.replace(pp, input_size=(96, 96))),
+        dataclasses.replace(base, preprocess=dataclasses.replace(pp, crop_pct=1.0)),
+        dataclasses.replace(base, preprocess=dataclasses.replace(pp, interpolation="bicubic")),
+    ]
+    idents = {v.identity() for v in variants}
+    assert ident not in idents and len(idents) == len(variants)
+    hashes = {v.identity_hash() for v in variants}
+    assert short not in hashes and len(hashes) == len(variants)
+
+    # Other weights in the same folder (different content) -> different hash and identity.
+    other = make_local_dir(tmp_path / "other", seed=1)
+    assert create_backbone(str(other)).identity() != ident
+
+
+def test_random_init_identity_tracks_the_actual_weights():
+    torch.manual_seed(0)
+    a = create_backbone(TINY_ARCH, pretrained=False)
+    torch.manual_seed(0)
+    b = create_backbone(TINY_ARCH, pretrained=False)
+    c = create_backbone(TINY_ARCH, pretrained=False)
+    assert not a.pretrained and a.weights_hash.startswith("random-init")
+    assert a.identity() == b.identity() != c.identity()
+    assert a.preprocess.input_size == (224, 224)  # from timm's pretrained cfg, not hard-coded
+    assert a.preprocess.mean == pytest.approx((0.485, 0.456, 0.406))
+
+
+def test_weights_file_is_hashed_once(tiny_dir, monkeypatch):
+    backbones.file_sha256(tiny_dir / "model.safetensors")
+    calls = []
+    real = backbones.hashlib.file_digest
+    monkeypatch.setattr(backbones.hashlib, "file_digest", lambda *a: calls.append(1) or real(*a))
+    backbones.file_sha256(tiny_dir / "model.safetensors")
+    assert calls == []
+    st = (tiny_dir / "model.safetensors").stat()
+    os.utime(tiny_dir / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    backbones.file_sha256(tiny_dir / "model.safetensors")  # touched: hashed again
+    assert calls == [1]
+
+
+def test_unknown_architecture_suggests_close_names():
+    with pytest.raises(TransferlabError) as err:
+        create_backbone("mobilenetv2_10", pretrained=False)
+    msg = str(err.value)
+    assert "mobilenetv2_100" in msg and "transferlab backbones --filter" in msg
+
+
+def test_unknown_pretrained_tag_lists_real_tags():
+    with pytest.raises(TransferlabError, match="resnet18.a1_in1k"):
+        create_backbone("resnet18.nonexistent_tag")
+
+
+def test_missing_local_dir(tmp_path):
+    with pytest.raises(TransferlabError, match="does not exist"):
+        create_backbone(f"local-dir:{tmp_path / 'nope'}")
+    with pytest.raises(TransferlabError, match="no folder at"):
+        create_backbone(str(tmp_path / "nope"))
+
+
+def test_local_dir_without_config_or_weights(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TransferlabError, match="config.json"):
+        create_backbone(f"local-dir:{tmp_path / 'empty'}")
+    no_weights = make_local_dir(tmp_path / "noweights", weights=False)
+    with pytest.raises(TransferlabError, match="no weights file.*--no-pretrained"):
+        create_backbone(f"local-dir:{no_weights}")
+    assert not create_backbone(f"local-dir:{no_weights}", pretrained=False).pretrained
+
+
+def test_local_dir_with_wrong_architecture(tmp_path):
+    folder = make_local_dir(tmp_path / "bad")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "architecture": "resnet18"}))
+    with pytest.raises(TransferlabError, match="could not load the model"):
+        create_backbone(str(folder))
+
+
+def _no_cached_weights(monkeypatch):
+    monkeypatch.setattr(backbones, "_cached_weights_file", lambda cfg: None)
+    for var in backbones._PROXY_VARS:
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_offline_hub_fetch_gives_local_dir_hint(monkeypatch):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    _no_cached_weights(monkeypatch)
+    monkeypatch.setattr(backbones, "_can_reach", lambda host, **kw: True)
+
+    def fail(*args, **kwargs):
+        raise LocalEntryNotFoundError("cannot find the requested files in the local cache")
+
+    monkeypatch.setattr(backbones.timm, "create_model", fail)
+    with pytest.raises(TransferlabError) as err:
+        create_backbone("resnet18")
+    msg = str(err.value)
+    assert "could not get pretrained weights for 'resnet18' (no network?)" in msg
+    assert "local-dir:PATH" in msg and "--no-pretrained" in msg
+
+
+def test_unreachable_hub_fails_fast_without_downloading(monkeypatch):
+    _no_cached_weights(monkeypatch)
+    monkeypatch.setattr(backbones, "_can_reach", lambda host, **kw: False)
+    monkeypatch.setattr(
+        backbones.timm, "create_model", lambda *a, **k: pytest.fail("must not try to download")
+    )
+    with pytest.raises(TransferlabError, match="no network.*local-dir:PATH"):
+        create_backbone("mobilenetv2_050.lamb_in1k")
+    with pytest.raises(TransferlabError, match="no network"):
+        create_backbone("hf-hub:timm/mobilenetv2_050.lamb_in1k")
+
+
+def test_hub_weights_already_cached_work_offline(tmp_path, monkeypatch):
+    """A hub tag whose weights sit in the HF cache loads with no probe, hashed like a file."""
+    import huggingface_hub.constants
+
+    repo = tmp_path / "hf" / "models--timm--mobilenetv2_050.lamb_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    weights = repo / "snapshots" / "abc123" / "model.safetensors"
+    weights.parent.mkdir(parents=True)
+    model = timm.create_model(TINY_ARCH, pretrained=False)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(backbones, "_can_reach", lambda *a, **k: pytest.fail("probed the net"))
+
+    bb = create_backbone(TINY_ARCH)  # default tag resolved and recorded in the spec
+    assert bb.spec == "mobilenetv2_050.lamb_in1k" and bb.pretrained
+    assert bb.weights_hash == backbones.file_sha256(weights)
+    assert bb.preprocess.interpolation == "bicubic"  # the tag's own data config
+    [info] = list_backbones("mobilenetv2_050")
+    assert info.name == "mobilenetv2_050.lamb_in1k" and info.offline
+
+
+def test_list_backbones_marks_local_dirs_offline(tiny_dir, monkeypatch, tmp_path):
+    infos = list_backbones("mobilenetv2", weights_dirs=[tiny_dir.parent])
+    assert all(isinstance(i, BackboneInfo) for i in infos)
+    local = [i for i in infos if i.name.startswith("local-dir:")]
+    assert local == [
+        BackboneInfo(
+            name=f"local-dir:{tiny_dir.resolve()}",
+            pretrained=True,
+            offline=True,
+            source=f"local folder ({TINY_ARCH})",
+        )
+    ]
+    assert infos[0] == local[0]  # offline-ready folders come first
+    timm_names = {i.name for i in infos if not i.name.startswith("local-dir:")}
+    assert "mobilenetv2_100.ra_in1k" in timm_names
+    assert all("mobilenetv2" in n for n in timm_names)
+
+    # $TRANSFERLAB_WEIGHTS (pathsep-separated; a folder itself or its subfolders) and filtering.
+    monkeypatch.setenv("TRANSFERLAB_WEIGHTS", os.pathsep.join([str(tiny_dir), str(tmp_path / "x")]))
+    names = [i.name for i in list_backbones("tiny_mnv2")]
+    assert names == [f"local-dir:{tiny_dir.resolve()}"]
+    assert not [i for i in list_backbones("resnet50") if i.name.startswith("local-dir:")]
+    # Every listed name is a valid spec for create_backbone.
+    assert create_backbone(names[0]).identity()
+
+
+@pytest.mark.parametrize(
+    ("arch", "expected"),
+    [
+        (
+            "mobilenetv2_100",
+            ["conv_stem+bn1"] + [f"blocks.{i}" for i in range(6)] + ["blocks.6+conv_head+bn2"],
+        ),
+        ("resnet18", ["conv1+bn1", "layer1", "layer2", "layer3", "layer4"]),
+    ],
+)
+def test_stage_modules_ordered_stem_to_head(arch, expected):
+    model = timm.create_model(arch, pretrained=False, num_classes=0)
+    stages = stage_modules(model)
+    assert [name for name, _ in stages] == expected
+    # Together the stages hold every parameter exactly once, in the model's own tensors.
+    ids = [id(p) for _, m in stages for p in m.parameters()]
+    assert len(ids) == len(set(ids))
+    assert set(ids) == {id(p) for p in model.parameters()}
+    # Single-module stages are the real submodules, so hooks on them fire (Grad-CAM).
+    name, module = stages[-2]
+    assert module is model.get_submodule(name)
+
+
+def test_stage_modules_falls_back_to_children():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3))
+    assert [n for n, _ in stage_modules(model)] == ["0", "2"]
+
+
+def test_backbone_dataclass_positional_api():
+    fields = [f.name for f in dataclasses.fields(Backbone)]
+    assert fields[:6] == [
+        "spec",
+        "model",
+        "preprocess",
+        "num_features",
+        "weights_hash",
+        "pretrained",
+    ]

@@ -1,0 +1,205 @@
+"""Feature runtimes: parity with PyTorch per engine, export caching, fallbacks."""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from transferlab import runtime
+from transferlab.backbones import Backbone, create_backbone
+from transferlab.errors import TransferlabError
+from transferlab.preprocess import Preprocess
+from transferlab.runtime import EngineFallbackWarning, FeatureRuntime, make_runtime
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED_MNV2 = SHARED / "weights" / "mobilenetv2_100.tf_quant_in1k"
+HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
+SIZE = 64
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("TRANSFERLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(runtime, "_available_cpus", lambda: 1)  # default engine threads
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # On a shared, oversubscribed CI box OpenMP barriers with 2+ threads turn a 7 ms forward of
+    # the tiny model into seconds; the tests check correctness, not speed.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Backbone:
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv2_050", pretrained=False, num_classes=0).eval()
+    return Backbone(
+        spec="mobilenetv2_050",
+        model=model,
+        preprocess=Preprocess(input_size=(SIZE, SIZE), mean=MEAN, std=STD),
+        num_features=model.num_features,
+        weights_hash="random-init-test",
+        pretrained=False,
+    )
+
+
+def _images(n: int, size: int = SIZE, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 3, size, size), dtype=np.uint8)
+
+
+def _torch_features(bb: Backbone, images: np.ndarray) -> np.ndarray:
+    """The reference, written independently of runtime.py: normalize in float, then forward."""
+    x = torch.from_numpy(images).float() / 255.0
+    mean = torch.tensor(bb.preprocess.mean).view(1, 3, 1, 1)
+    std = torch.tensor(bb.preprocess.std).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        return bb.model((x - mean) / std).numpy()
+
+
+ENGINES = [
+    "torch",
+    "onnxruntime",
+    pytest.param(
+        "openvino", marks=pytest.mark.skipif(not HAS_OPENVINO, reason="openvino not installed")
+    ),
+]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_engine_matches_torch(tiny, engine, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EngineFallbackWarning)  # no silent fallback allowed here
+        rt = make_runtime(tiny, engine=engine, export_dir=tmp_path, threads=1)
+    assert isinstance(rt, FeatureRuntime) and rt.engine == engine
+    images = _images(5)
+    out = rt(images)
+    assert out.dtype == np.float32 and out.shape == (5, tiny.num_features)
+    np.testing.assert_allclose(out, _torch_features(tiny, images), atol=1e-4, rtol=0)
+    assert rt.parity is not None and rt.parity <= 1e-4
+
+
+def test_auto_prefers_openvino_then_onnxruntime(tiny, tmp_path):
+    rt = make_runtime(tiny, export_dir=tmp_path)
+    assert rt.engine == ("openvino" if HAS_OPENVINO else "onnxruntime")
+    assert (tmp_path / f"{tiny.identity_hash()}.onnx").is_file()
+
+
+def test_export_is_cached_and_reused(tiny, tmp_path, monkeypatch):
+    messages: list[str] = []
+    first = make_runtime(tiny, engine="onnxruntime", export_dir=tmp_path, log=messages.append)
+    path = tmp_path / f"{tiny.identity_hash()}.onnx"
+    assert first.export_path == path and first.export_seconds is not None
+    assert any("exporting" in m for m in messages)
+    mtime = path.stat().st_mtime_ns
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("re-exported although a cached export exists")
+
+    monkeypatch.setattr(runtime, "export_onnx", no_export)
+    second = make_runtime(tiny, engine="onnxruntime", export_dir=tmp_path)
+    assert second.engine == "onnxruntime" and second.export_seconds is None
+    assert path.stat().st_mtime_ns == mtime
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_default_export_dir_is_cache_exports(tiny, tmp_path):
+    rt = make_runtime(tiny, engine="onnxruntime")
+    assert rt.export_path == tmp_path / "cache" / "exports" / f"{tiny.identity_hash()}.onnx"
+
+
+def test_failing_export_falls_back_to_torch_with_one_warning(tiny, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("exporter exploded")
+
+    monkeypatch.setattr(runtime, "export_onnx", broken)
+    with pytest.warns(EngineFallbackWarning) as record:
+        rt = make_runtime(tiny, engine="auto", export_dir=tmp_path)
+    assert rt.engine == "torch"
+    msgs = [str(w.message) for w in record if issubclass(w.category, EngineFallbackWarning)]
+    assert len(msgs) == 1 and "exporter exploded" in msgs[0] and "torch" in msgs[0]
+    images = _images(2)
+    np.testing.assert_allclose(rt(images), _torch_features(tiny, images), atol=1e-4, rtol=0)
+
+
+def test_parity_failure_falls_back(tiny, tmp_path, monkeypatch):
+    real_run = runtime.OnnxRuntime._run
+    monkeypatch.setattr(runtime.OnnxRuntime, "_run", lambda self, x: real_run(self, x) + 1e-2)
+    with pytest.warns(EngineFallbackWarning, match="differ from torch"):
+        rt = make_runtime(tiny, engine="onnxruntime", export_dir=tmp_path)
+    assert rt.engine == "torch"
+
+
+def test_stale_cached_export_is_replaced(tiny, tmp_path):
+    path = tmp_path / f"{tiny.identity_hash()}.onnx"
+    path.write_bytes(b"not an onnx file")  # e.g. left by an older version or a crash
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EngineFallbackWarning)
+        rt = make_runtime(tiny, engine="onnxruntime", export_dir=tmp_path)
+    assert rt.engine == "onnxruntime" and rt.export_seconds is not None
+    assert path.stat().st_size > 1000
+
+
+def test_runtime_chunks_validates_and_handles_empty(tiny, tmp_path):
+    rt = make_runtime(tiny, engine="onnxruntime", export_dir=tmp_path)
+    rt.max_batch = 2  # force several chunks
+    images = _images(5)
+    np.testing.assert_allclose(rt(images), _torch_features(tiny, images), atol=1e-4, rtol=0)
+    assert rt(images[:0]).shape == (0, tiny.num_features)
+    with pytest.raises(ValueError, match="uint8"):
+        rt(images.astype(np.float32))
+    with pytest.raises(ValueError, match=f"\\(n, 3, {SIZE}, {SIZE}\\)"):
+        rt(_images(1, size=SIZE + 1))
+
+
+def test_unknown_engine_is_a_user_error(tiny):
+    with pytest.raises(TransferlabError, match="--engine"):
+        make_runtime(tiny, engine="tensorrt")
+
+
+def test_runtime_leaves_callers_model_alone(tiny, tmp_path):
+    fmt_before = next(tiny.model.parameters()).is_contiguous()
+    rt = make_runtime(tiny, engine="torch")
+    assert rt.malloc_tuned in (True, False)
+    assert next(tiny.model.parameters()).is_contiguous() == fmt_before  # no channels_last leak
+    # Mid-training callers: features are computed in eval mode, and train mode is restored.
+    tiny.model.train()
+    try:
+        rt = make_runtime(tiny, engine="onnxruntime", export_dir=tmp_path)
+        assert tiny.model.training and all(m.training for m in tiny.model.modules())
+        images = _images(3)
+        tiny.model.eval()
+        np.testing.assert_allclose(rt(images), _torch_features(tiny, images), atol=1e-4, rtol=0)
+    finally:
+        tiny.model.eval()
+
+
+@pytest.fixture(scope="module")
+def shared_mnv2(tmp_path_factory) -> tuple[Backbone, Path]:
+    if not (SHARED_MNV2 / "config.json").is_file():
+        pytest.skip(f"shared weights not found at {SHARED_MNV2}")
+    return create_backbone(f"local-dir:{SHARED_MNV2}"), tmp_path_factory.mktemp("exports")
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("engine", ENGINES[1:])
+def test_shared_mobilenetv2_engines_match_torch(shared_mnv2, engine):
+    bb, export_dir = shared_mnv2  # one export shared by both engines
+    assert bb.preprocess.mean == (0.5, 0.5, 0.5) and bb.preprocess.std == (0.5, 0.5, 0.5)
+    assert bb.preprocess.input_size == (224, 224) and bb.num_features == 1280
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EngineFallbackWarning)
+        rt = make_runtime(bb, engine=engine, export_dir=export_dir, threads=1)
+    assert rt.engine == engine
+    images = _images(4, size=224, seed=2)
+    np.testing.assert_allclose(rt(images), _torch_features(bb, images), atol=1e-4, rtol=0)
