@@ -271,33 +271,11 @@ class Classifier:
     ) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
         """Stream (path, probabilities or None, error or None) over files, folders and globs,
         in constant memory; unreadable files yield an error instead of stopping the run."""
-        from transferlab.data.loader import iter_decoded
+        # One prediction engine for the API, the CLI and the server (transferlab.predict).
+        from transferlab.predict import PredictionEngine
 
-        ex = self.extractor(batch_size=batch_size)
-        paths: list[str] = []
-        for path in expand_sources(sources):
-            paths.append(path)
-            if len(paths) == batch_size * 8:
-                yield from self._predict_chunk(paths, ex, iter_decoded)
-                paths = []
-        if paths:
-            yield from self._predict_chunk(paths, ex, iter_decoded)
-
-    def _predict_chunk(self, paths, ex, iter_decoded):
-        results: dict[int, tuple[np.ndarray | None, str | None]] = {}
-        for batch in iter_decoded(
-            paths, self.saved.preprocess, batch_size=ex.batch_size, workers=ex.workers,
-            max_pixels=ex.max_pixels,
-        ):
-            for j, reason in batch.failures:
-                results[j] = (None, reason)
-            if len(batch.indices):
-                probs = self._head_probs(ex.runtime(batch.images))
-                for j, p in zip(batch.indices, probs, strict=True):
-                    results[j] = (p, None)
-        for j, path in enumerate(paths):
-            probs, err = results[j]
-            yield path, probs, err
+        for p in PredictionEngine(self, batch_size=batch_size).iter_predict(sources):
+            yield p.path, p.probs, p.error
 
     def predict(
         self, sources: Sequence[str | os.PathLike] | str, *, top_k: int = 1

@@ -76,7 +76,7 @@ class Backbone:
 
         The feature-cache namespace and the export cache key. ``create_backbone`` canonicalises
         ``spec`` (absolute ``local-dir:`` path), so two spellings of one folder share it;
-        ``SavedModel.body_identity`` rebuilds the same string at predict time.
+        a loaded model rebuilds its Backbone from model.json, so it finds the same entries.
         """
         return f"{self.spec}|{self.weights_hash}|{self.preprocess.key()}"
 

@@ -117,11 +117,6 @@ class SavedModel:
     temperature: float = 1.0
     versions: dict[str, str] = field(default_factory=library_versions)
 
-    @property
-    def body_identity(self) -> str:
-        """Same string as ``Backbone.identity()`` for an untouched pretrained body."""
-        return f"{self.body['spec']}|{self.body['weights_hash']}|{self.preprocess.key()}"
-
     def save(self, out: str | os.PathLike) -> Path:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
