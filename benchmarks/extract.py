@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -90,12 +91,21 @@ def transferlab_pipeline(spec: str, paths: list[str], export_dir: Path) -> tuple
     return time.perf_counter() - t0, export_s, runtime.engine
 
 
-def timed_fit(data: Path, spec: str, cache: Path) -> tuple[float, float]:
+def timed_fit(data: Path, spec: str, cache: Path) -> tuple[float, float, float]:
+    """Cold: `transferlab fit` as a user runs it (fresh process, empty cache, export included).
+    Warm: the same fit again in this process, cache hit, imports already paid."""
     import transferlab
 
+    run = cache.parent / "run"
+    cmd = [sys.executable, "-m", "transferlab", "fit", str(data), "--backbone", spec]
+    cmd += ["--cache-dir", str(cache), "--out", str(run)]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True)
+    cold = time.perf_counter() - t0
+    transferlab.fit(data, backbone=spec, cache_dir=str(cache))  # imports, first optimizer step
     t0 = time.perf_counter()
     clf = transferlab.fit(data, backbone=spec, cache_dir=str(cache))
-    return time.perf_counter() - t0, clf.metrics["test"]["accuracy"]
+    return cold, time.perf_counter() - t0, clf.metrics["test"]["accuracy"]
 
 
 def main() -> None:
@@ -117,7 +127,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="tl-bench-"))
     try:
         ours_s, export_s, engine = transferlab_pipeline(args.backbone, paths, tmp / "exports")
-        print(f"(c) transferlab [{engine}]: {n / ours_s:7.1f} img/s  ({ours_s:.1f} s; export {export_s:.1f} s)")
+        print(f"(c) transferlab [{engine}]: {n / ours_s:7.1f} img/s  ({ours_s:.1f} s)")
+        print(f"    (runtime set-up incl. ONNX export: {export_s:.1f} s, not counted)")
         cl_s, _ = eager_channels_last(args.backbone, paths)
         print(f"(b) eager channels_last    : {n / cl_s:7.1f} img/s  ({cl_s:.1f} s)")
         if not args.skip_naive:
@@ -125,10 +136,12 @@ def main() -> None:
             print(f"(a) naive ImageFolder NCHW : {n / naive_s:7.1f} img/s  ({naive_s:.1f} s)")
             print(f"speed-up vs (a): {naive_s / ours_s:.2f}x   (target >= 4x)")
         print(f"speed-up vs (b): {cl_s / ours_s:.2f}x   (target >= 2.5x)")
-        cold_s, acc = timed_fit(args.data, args.backbone, tmp / "cache")
-        warm_s, acc2 = timed_fit(args.data, args.backbone, tmp / "cache")
-        print(f"cold fit (empty cache, export included): {cold_s:.1f} s  (target <= 25 s), test acc {acc:.4f}")
-        print(f"warm re-fit (cache hit):                 {warm_s:.1f} s  (target <= 3 s), test acc {acc2:.4f}")
+        cold_s, warm_s, acc = timed_fit(args.data, args.backbone, tmp / "cache")
+        print(
+            f"cold `transferlab fit` (new process, empty cache): {cold_s:.1f} s  (target <= 25 s)"
+        )
+        print(f"warm re-fit (cache hit, in-process):          {warm_s:.1f} s  (target <= 3 s)")
+        print(f"test accuracy: {acc:.4f}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+
 from test_api import COLOURS, TINY, _photo
 
 

@@ -1,9 +1,9 @@
-"""transferlab: a folder of labelled images -> an evaluated, deployable classifier by transfer learning.
+"""transferlab: labelled images -> an evaluated, deployable classifier, by transfer learning.
 
-    import transferlab
-    clf = transferlab.fit("data/", backbone="local-dir:../shared/weights/mobilenetv2_100.tf_quant_in1k")
-    clf.metrics["test"]["accuracy"]; clf.predict(["photo.jpg"], top_k=2); clf.save("runs/cvd")
-    clf = transferlab.load("runs/cvd")
+import transferlab
+clf = transferlab.fit("data/", backbone="resnet50.a1_in1k", strategy="features")
+clf.metrics["test"]["accuracy"]; clf.predict(["photo.jpg"], top_k=2); clf.save("runs/cvd")
+clf = transferlab.load("runs/cvd")
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The Python API: ``fit`` a folder of images, ``load`` a saved run, ``Classifier`` to use it.
 
-    DATA → discover (index of path/label/split) → scan (digest + decode check, leakage)
-         → strategy (features | frozen | finetune | scratch…) → ClassifierNet
-         → evaluate (val/test metrics with CIs) → save (safetensors + JSON run folder)
+DATA → discover (index of path/label/split) → scan (digest + decode check, leakage)
+     → strategy (features | frozen | finetune | scratch…) → ClassifierNet
+     → evaluate (val/test metrics with CIs) → save (safetensors + JSON run folder)
 """
 
 from __future__ import annotations
@@ -266,6 +266,40 @@ class Classifier:
         s = prepared.splits[split]
         return classification_report(s.labels, self.predict_proba_split(s), self.classes)
 
+    # --- figures (delegate to transferlab.evaluation.plots; each returns a matplotlib Figure
+    # and writes a PNG when ``out`` is given) ---
+
+    def plot_curves(self, out: str | os.PathLike | None = None):
+        """Learning curves, accuracy | loss, train vs val (per epoch, or per L2 of a linear
+        head)."""
+        from transferlab.evaluation.plots import plot_learning_curves
+
+        return plot_learning_curves(self.history, out=out)
+
+    def plot_confusion(self, split: str = "test", out: str | os.PathLike | None = None):
+        """Confusion matrix of a split evaluated at fit time: counts | row-normalised."""
+        from transferlab.evaluation.plots import plot_confusion
+
+        if split not in self.metrics:
+            raise TransferlabError(f"no '{split}' results; have: {', '.join(self.metrics)}")
+        cm = self.metrics[split]["confusion_matrix"]
+        return plot_confusion(cm, self.classes, title=f"{split} confusion matrix", out=out)
+
+    def plot_reliability(
+        self,
+        split: str = "test",
+        *,
+        data: str | os.PathLike | None = None,
+        out: str | os.PathLike | None = None,
+    ):
+        """Reliability diagram + ECE of a split (of the fitted data, or of ``data``)."""
+        from transferlab.evaluation.analysis import classifier_split
+        from transferlab.evaluation.plots import plot_reliability
+
+        s = classifier_split(self, split, data)
+        probs = self.predict_proba_split(s)
+        return plot_reliability(probs, s.labels, title=f"reliability ({split})", out=out)
+
     def iter_predict(
         self, sources: Sequence[str | os.PathLike] | str, *, batch_size: int = 32
     ) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
@@ -327,7 +361,11 @@ def expand_sources(sources: Sequence[str | os.PathLike] | str) -> Iterable[str]:
         p = Path(src)
         if p.is_dir():
             for f in sorted(p.rglob("*")):
-                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith("."):
+                if (
+                    f.is_file()
+                    and f.suffix.lower() in IMAGE_EXTENSIONS
+                    and not f.name.startswith(".")
+                ):
                     yield str(f)
         elif p.is_file():
             yield src

@@ -208,7 +208,9 @@ def predict(
             stream.write("\n")
         elif format == "csv":
             w = csv.writer(stream)
-            w.writerow(["path", *[f for i in range(top_k) for f in (f"label{i + 1}", f"prob{i + 1}")]])
+            w.writerow(
+                ["path", *[f for i in range(top_k) for f in (f"label{i + 1}", f"prob{i + 1}")]]
+            )
             for r in rows:
                 if "error" in r:
                     continue

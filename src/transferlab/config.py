@@ -64,7 +64,9 @@ class FitConfig:
                 f"--strategy {self.strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}"
             )
         if self.head not in HEADS:
-            raise TransferlabError(f"--head {self.head!r} is unknown; choose one of {', '.join(HEADS)}")
+            raise TransferlabError(
+                f"--head {self.head!r} is unknown; choose one of {', '.join(HEADS)}"
+            )
         if self.class_weight not in (None, "auto", "none"):
             raise TransferlabError("--class-weight takes 'auto' or 'none'")
         if self.class_weight == "none":

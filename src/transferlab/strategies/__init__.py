@@ -55,7 +55,9 @@ class StrategyContext:
             from transferlab.backbones import create_backbone
 
             t0 = time.perf_counter()
-            self._backbone = create_backbone(self.config.backbone, pretrained=self.config.pretrained)
+            self._backbone = create_backbone(
+                self.config.backbone, pretrained=self.config.pretrained
+            )
             self.timings["backbone_s"] = time.perf_counter() - t0
         return self._backbone
 
