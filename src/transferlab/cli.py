@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 from pathlib import Path
@@ -186,54 +185,6 @@ def evaluate(
 
 
 @app.command()
-def predict(
-    run: Path = typer.Argument(..., help="A run folder written by `fit`."),
-    sources: list[str] = typer.Argument(..., help="Image files, folders (recursive) or globs."),
-    top_k: int = typer.Option(1, help="How many labels per image."),
-    format: str = typer.Option("table", help="table | csv | json"),
-    output: Path | None = typer.Option(None, "--output", "-o", help="Write here, not stdout."),
-) -> None:
-    """Top-k labels with probabilities; unreadable files are reported, not fatal."""
-    import transferlab
-
-    if format not in ("table", "csv", "json"):
-        raise TransferlabError("--format takes table, csv or json")
-    clf = transferlab.load(run)
-    rows = clf.predict(sources, top_k=top_k)
-    errors = [r for r in rows if "error" in r]
-    stream = output.open("w", newline="") if output else sys.stdout
-    try:
-        if format == "json":
-            json.dump(rows, stream, indent=2)
-            stream.write("\n")
-        elif format == "csv":
-            w = csv.writer(stream)
-            w.writerow(
-                ["path", *[f for i in range(top_k) for f in (f"label{i + 1}", f"prob{i + 1}")]]
-            )
-            for r in rows:
-                if "error" in r:
-                    continue
-                w.writerow([r["path"], *[v for lab, p in r["top_k"] for v in (lab, f"{p:.6f}")]])
-        else:
-            table = Table()
-            table.add_column("image")
-            for i in range(top_k):
-                table.add_column(f"#{i + 1}")
-            for r in rows:
-                if "error" not in r:
-                    table.add_row(r["path"], *(f"{lab} {p:.3f}" for lab, p in r["top_k"]))
-            (out_console.__class__(file=stream) if output else out_console).print(table)
-    finally:
-        if output:
-            stream.close()
-    for r in errors:
-        console.print(f"[yellow]skipped[/yellow] {r['path']}: {r['error']}", highlight=False)
-    if errors:
-        console.print(f"{len(rows) - len(errors)} predicted, {len(errors)} unreadable")
-
-
-@app.command()
 def backbones(
     filter: str | None = typer.Option(None, "--filter", "-f", help="Substring, e.g. mobilenet."),
     weights_dir: list[Path] = typer.Option([], help="Extra folders holding local-dir models."),
@@ -257,3 +208,8 @@ def backbones(
     for i in infos:
         table.add_row(i.name, "yes" if i.pretrained else "no", "yes" if i.offline else "", i.source)
     out_console.print(table)
+
+
+from transferlab.cli_ship import register as _register_ship  # noqa: E402
+
+_register_ship(app)
