@@ -184,9 +184,18 @@ def fit(
     clf.metrics = metrics
     clf.history = result.history
     clf.data_summary = prepared.summary()
-    if out_path is not None:
+    if out_path is not None and _is_rank_zero():
         clf.save(out_path)
     return clf
+
+
+def _is_rank_zero() -> bool:
+    """Under srun/torchrun every rank runs the whole command; only rank 0 writes the run folder.
+    (The same variables Lightning reads, without importing Lightning for the features path.)"""
+    for var in ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if var in os.environ:
+            return int(os.environ[var]) == 0
+    return True
 
 
 class Classifier:

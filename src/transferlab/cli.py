@@ -109,6 +109,19 @@ def fit(
     bn: str = typer.Option("frozen", help="BatchNorm policy: frozen | train"),
     max_time: float | None = typer.Option(None, help="Training time budget in seconds."),
     resume: bool = typer.Option(False, help="Continue from OUT/checkpoints/last.ckpt."),
+    optimizer: str = typer.Option("adamw", help="adamw | sgd | rmsprop"),
+    schedule: str = typer.Option("cosine", help="cosine | onecycle | step | constant"),
+    warmup_epochs: float = typer.Option(0.0),
+    weight_decay: float = typer.Option(0.01),
+    label_smoothing: float = typer.Option(0.0),
+    patience: int | None = typer.Option(5, help="Early stopping patience (epochs)."),
+    gradual: bool = typer.Option(False, help="finetune: unfreeze one more stage per epoch."),
+    image_size: int | None = typer.Option(None, help="Scratch CNN input size (tutorial: 150)."),
+    accelerator: str = typer.Option("cpu", help="Lightning accelerator: cpu | gpu | auto"),
+    devices: str = typer.Option("1", help="Lightning devices: a count or 'auto'."),
+    dist_strategy: str = typer.Option("auto", help="Lightning strategy: auto | ddp | ddp_spawn"),
+    precision: str = typer.Option("32-true", help="32-true | bf16-mixed | 16-mixed"),
+    deterministic: bool = typer.Option(True, help="Reproducible kernels and data order."),
 ) -> None:
     """Train on DATA and evaluate on its val/test splits; writes OUT/ (model, metrics.json)."""
     import transferlab
@@ -136,6 +149,19 @@ def fit(
         bn=bn,
         max_time=max_time,
         resume=resume,
+        optimizer=optimizer,
+        schedule=schedule,
+        warmup_epochs=warmup_epochs,
+        weight_decay=weight_decay,
+        label_smoothing=label_smoothing,
+        patience=patience,
+        gradual=gradual,
+        image_size=image_size,
+        accelerator=accelerator,
+        devices=int(devices) if devices.isdigit() else devices,
+        dist_strategy=dist_strategy,
+        precision=precision,
+        deterministic=deterministic,
     )
     clf = transferlab.fit(data, out=out, config=cfg)
     _print_counts(clf.data_summary["counts"], f"{data}")
@@ -208,6 +234,89 @@ def backbones(
     for i in infos:
         table.add_row(i.name, "yes" if i.pretrained else "no", "yes" if i.offline else "", i.source)
     out_console.print(table)
+
+
+@app.command()
+def ladder(
+    data: Path = typer.Argument(..., help="Images (any layout `fit` accepts)."),
+    out: Path = typer.Option(Path("runs/ladder"), help="Folder for every rung and the summary."),
+    backbone: str = typer.Option(DEFAULT_BACKBONE, help="timm spec or local-dir:PATH."),
+    rungs: str | None = typer.Option(None, help="Comma-separated subset of the rungs."),
+    seeds: int = typer.Option(1, help="Repeat each rung with N seeds: mean ± sd."),
+    quick: bool = typer.Option(False, help="Small budgets: the whole ladder in minutes."),
+    seed: int = typer.Option(42),
+    cache_dir: str | None = typer.Option(None, help="Feature cache (default: user cache dir)."),
+    workers: int | None = typer.Option(None, help="Decode processes (default: all cores)."),
+    accelerator: str = typer.Option("cpu", help="Lightning accelerator: cpu | gpu | auto"),
+    precision: str = typer.Option("32-true", help="32-true | bf16-mixed | 16-mixed"),
+) -> None:
+    """The tutorial's comparison: scratch CNNs vs frozen features vs fine-tuning, same splits."""
+    from transferlab.ladder import ladder as run_ladder
+
+    cfg = FitConfig(
+        backbone=backbone,
+        seed=seed,
+        cache_dir=cache_dir,
+        workers=workers,
+        accelerator=accelerator,
+        precision=precision,
+    )
+    names = [r.strip() for r in rungs.split(",")] if rungs else None
+    report = run_ladder(data, out=out, rungs=names, seeds=seeds, quick=quick, config=cfg)
+    out_console.print((out / "ladder.md").read_text(), highlight=False)
+    best = max(report["rungs"], key=lambda r: r.get("test", r.get("val", {})).get("accuracy", 0))
+    out_console.print(f"best rung: {best['name']}; written to {out}/ (ladder.json, ladder.md)")
+
+
+@app.command("lr-find")
+def lr_find(
+    data: Path = typer.Argument(..., help="Images (any layout `fit` accepts)."),
+    out: Path = typer.Option(Path("lr_find.png"), help="Where to save the loss-vs-LR plot."),
+    backbone: str = typer.Option(DEFAULT_BACKBONE, help="timm spec or local-dir:PATH."),
+    strategy: str = typer.Option("finetune", help="finetune | frozen | scratch-…"),
+    unfreeze: str = typer.Option("2"),
+    seed: int = typer.Option(42),
+    cache_dir: str | None = typer.Option(None),
+) -> None:
+    """LR range test on the network the strategy would train; the model is restored after."""
+    from transferlab.api import prepare_data
+    from transferlab.lr_find import lr_find_strategy
+    from transferlab.strategies import StrategyContext
+
+    cfg = FitConfig(
+        backbone=backbone, strategy=strategy, unfreeze=unfreeze, seed=seed, cache_dir=cache_dir
+    ).validate()
+    prepared = prepare_data(data, cfg)
+    ctx = StrategyContext(
+        classes=prepared.index.classes,
+        train=prepared.splits["train"],
+        val=prepared.splits.get("val"),
+        test=prepared.splits.get("test"),
+        config=cfg,
+        out=out.parent,
+    )
+    result = lr_find_strategy(ctx, out)
+    for name, lr in result["suggestions"].items():
+        out_console.print(f"{name:>8}: {lr:.2e}")
+    out_console.print(f"plot saved to {out}")
+
+
+@app.command("augment-preview")
+def augment_preview(
+    image: Path = typer.Argument(..., help="One image."),
+    preset: str = typer.Option("tutorial", help="none | tutorial | light | strong"),
+    n: int = typer.Option(5, "-n", "--n", help="How many augmented views."),
+    out: Path = typer.Option(Path("augment_preview.png")),
+    backbone: str = typer.Option(DEFAULT_BACKBONE, help="Its preprocessing sets size and crop."),
+    seed: int = typer.Option(0),
+) -> None:
+    """The original and N augmented versions of one image, side by side (a PNG grid)."""
+    from transferlab.augment import augment_preview as preview
+    from transferlab.backbones import create_backbone
+
+    pre = create_backbone(backbone).preprocess
+    path = preview(image, preset, n, out, pre, seed=seed)
+    out_console.print(f"saved {path}")
 
 
 from transferlab.cli_ship import register as _register_ship  # noqa: E402

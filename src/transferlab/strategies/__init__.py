@@ -97,6 +97,42 @@ def _features(ctx: StrategyContext) -> StrategyResult:
     return run(ctx)
 
 
+def _frozen(ctx: StrategyContext) -> StrategyResult:
+    from transferlab.strategies.frozen import run
+
+    return run(ctx)
+
+
+def _finetune(ctx: StrategyContext) -> StrategyResult:
+    from transferlab.strategies.finetune import run
+
+    return run(ctx)
+
+
+def _scratch_basic(ctx: StrategyContext) -> StrategyResult:
+    from transferlab.strategies.scratch import run_basic
+
+    return run_basic(ctx)
+
+
+def _scratch_regularized(ctx: StrategyContext) -> StrategyResult:
+    from transferlab.strategies.scratch import run_regularized
+
+    return run_regularized(ctx)
+
+
+def _scratch_timm(ctx: StrategyContext) -> StrategyResult:
+    from transferlab.strategies.scratch import run_timm
+
+    return run_timm(ctx)
+
+
+# Imported lazily so that naming a strategy does not import Lightning or the engine.
 STRATEGIES: dict[str, Callable[[StrategyContext], StrategyResult]] = {
     "features": _features,
+    "frozen": _frozen,
+    "finetune": _finetune,
+    "scratch-basic": _scratch_basic,
+    "scratch-regularized": _scratch_regularized,
+    "scratch-timm": _scratch_timm,
 }
