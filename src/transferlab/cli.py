@@ -263,7 +263,7 @@ def ladder(
     )
     names = [r.strip() for r in rungs.split(",")] if rungs else None
     report = run_ladder(data, out=out, rungs=names, seeds=seeds, quick=quick, config=cfg)
-    out_console.print((out / "ladder.md").read_text(), highlight=False)
+    out_console.print((out / "ladder.md").read_text(), highlight=False, soft_wrap=True)
     best = max(report["rungs"], key=lambda r: r.get("test", r.get("val", {})).get("accuracy", 0))
     out_console.print(f"best rung: {best['name']}; written to {out}/ (ladder.json, ladder.md)")
 

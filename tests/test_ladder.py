@@ -1,0 +1,79 @@
+"""The ladder runs rungs on shared splits and leaves a loadable model per rung."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import transferlab
+from test_api import COLOURS, TINY, _photo
+from transferlab.errors import TransferlabError
+from transferlab.ladder import ladder
+
+
+@pytest.fixture
+def data(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "data"
+    for split, n in (("train", 10), ("val", 5), ("test", 5)):
+        for cls, colour in COLOURS.items():
+            for i in range(n):
+                _photo(root / split / cls / f"{cls}.{i}.jpg", colour, rng)
+    return root
+
+
+def test_quick_ladder_writes_summary_charts_and_loadable_rungs(data, tmp_path):
+    out = tmp_path / "ladder"
+    report = ladder(
+        data,
+        out=out,
+        rungs=["scratch-basic", "features-linear"],
+        quick=True,
+        backbone=TINY,
+        pretrained=False,
+        engine="torch",
+        cache_dir=str(tmp_path / "cache"),
+        workers=0,
+    )
+    saved = json.loads((out / "ladder.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert [r["name"] for r in saved["rungs"]] == ["scratch-basic", "features-linear"]
+    scratch, linear = saved["rungs"]
+    assert scratch["epochs"] == 2 and scratch["trainable_params"] > linear["trainable_params"]
+    assert linear["test"]["accuracy"] >= 0.9
+    for r in saved["rungs"]:
+        lo, hi = r["test"]["accuracy_ci95"]
+        assert lo <= r["test"]["accuracy"] <= hi
+        # Each rung is an ordinary run folder: it loads and predicts.
+        clf = transferlab.load(r["run_dir"])
+        preds = clf.predict([data / "test" / "red"])
+        assert len(preds) == 5
+    table = (out / "ladder.md").read_text()
+    assert "| scratch-basic |" in table and "| features-linear |" in table
+    assert (out / "ladder.png").stat().st_size > 1000
+    assert (out / "scratch-basic" / "curves.png").is_file()
+
+
+def test_seeds_report_mean_and_sd(data, tmp_path):
+    report = ladder(
+        data,
+        out=tmp_path / "l",
+        rungs=["features-mlp"],
+        seeds=2,
+        backbone=TINY,
+        pretrained=False,
+        engine="torch",
+        cache_dir=str(tmp_path / "cache"),
+        workers=0,
+    )
+    rung = report["rungs"][0]
+    assert [r["seed"] for r in rung["runs"]] == [42, 43]
+    accs = [r["test"]["accuracy"] for r in rung["runs"]]
+    assert rung["test"]["across_seeds"]["mean"] == pytest.approx(np.mean(accs))
+
+
+def test_unknown_rung_is_a_user_error(data, tmp_path):
+    with pytest.raises(TransferlabError, match="unknown rung"):
+        ladder(data, out=tmp_path / "x", rungs=["magic"])
