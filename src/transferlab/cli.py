@@ -319,6 +319,61 @@ def augment_preview(
     out_console.print(f"saved {path}")
 
 
+@app.command()
+def explain(
+    run: Path = typer.Argument(..., help="A run folder written by `fit`."),
+    images: list[Path] = typer.Argument(..., help="Images to explain."),
+    out: Path = typer.Option(Path("explain"), help="Folder for the PNG files."),
+    target_class: str | None = typer.Option(None, help="Class to explain (default: predicted)."),
+    layer: str | None = typer.Option(None, help="Target layer name (default: last conv stage)."),
+    maps: bool = typer.Option(True, help="Also feature maps, bottleneck vector and filters."),
+) -> None:
+    """Grad-CAM overlays; feature maps at early/middle/late stages; first-layer filters."""
+    import transferlab
+    from transferlab.data.images import load_image
+    from transferlab.evaluation import explain as ex
+
+    clf = transferlab.load(run)
+    pre = clf.saved.preprocess
+    arrays = [load_image(p, pre) for p in images]
+    net = clf.net.eval()
+    written = ex.save_explanations(
+        net, arrays, images, clf.classes, pre.mean, pre.std, out,
+        target_class=target_class, target_layer=layer,
+    )  # fmt: skip
+    if maps:
+        for path, arr in zip(images, arrays, strict=True):
+            x = ex.normalize(arr, pre.mean, pre.std)
+            stem = Path(path).stem
+            fm = ex.feature_maps(net, x)
+            written.append(ex.plot_feature_maps(fm, out / f"{stem}_feature_maps.png"))
+            vec = ex.bottleneck_vector(net, x)
+            written.append(ex.plot_bottleneck(vec, out / f"{stem}_bottleneck.png"))
+        written.append(ex.plot_filters(ex.first_layer_filters(net), out / "filters.png"))
+    for w in written:
+        out_console.print(str(w))
+
+
+@app.command()
+def convolve(
+    image: Path = typer.Argument(..., help="Any image."),
+    kernel: str = typer.Option(
+        "mean",
+        help="mean | gaussian | sobel-x | sobel-y | sharpen | edge, or '1,0,-1;2,0,-2;1,0,-1'",
+    ),
+    out: Path = typer.Option(Path("convolution.png")),
+) -> None:
+    """Teaching demo: apply a 3x3 kernel to an image; input, kernel and output side by side."""
+    import numpy as np
+
+    from transferlab.data.images import open_rgb
+    from transferlab.evaluation import explain as ex
+
+    k = kernel if kernel in ex.KERNELS else ex.parse_kernel(kernel)
+    rgb = np.asarray(open_rgb(image)).transpose(2, 0, 1)
+    out_console.print(str(ex.plot_convolution(rgb, k, out)))
+
+
 from transferlab.cli_ship import register as _register_ship  # noqa: E402
 
 _register_ship(app)

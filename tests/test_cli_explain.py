@@ -1,0 +1,47 @@
+"""`explain` and `convolve` write real, decodable figures for a trained run."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+from typer.testing import CliRunner
+
+import transferlab
+from test_api import COLOURS, TINY, _photo
+from transferlab.cli import app
+
+
+def test_explain_and_convolve(tmp_path):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    for split, n in (("train", 6), ("val", 3)):
+        for cls, colour in COLOURS.items():
+            for i in range(n):
+                _photo(data / split / cls / f"{cls}.{i}.jpg", colour, rng)
+    run = tmp_path / "run"
+    transferlab.fit(
+        data, out=run, backbone=TINY, pretrained=False, engine="torch", test_fraction=0.0,
+        cache_dir=str(tmp_path / "cache"), workers=0,
+    )  # fmt: skip
+    img = data / "val" / "red" / "red.0.jpg"
+    runner = CliRunner()
+    r = runner.invoke(app, ["explain", str(run), str(img), "--out", str(tmp_path / "ex")])
+    assert r.exit_code == 0, r.output
+    names = {p.name for p in (tmp_path / "ex").iterdir()}
+    assert {"red.0_gradcam.png", "red.0_feature_maps.png", "red.0_bottleneck.png"} <= names
+    assert "filters.png" in names
+    for p in (tmp_path / "ex").iterdir():
+        with Image.open(p) as im:
+            im.load()
+            assert im.width > 100 and im.height > 100
+
+    out = tmp_path / "conv.png"
+    r = runner.invoke(
+        app, ["convolve", str(img), "--kernel", "1,0,-1;2,0,-2;1,0,-1", "--out", str(out)]
+    )
+    assert r.exit_code == 0, r.output
+    with Image.open(out) as im:
+        im.load()
+    r = runner.invoke(app, ["convolve", str(img), "--kernel", "1,2;3", "--out", str(out)])
+    assert isinstance(r.exception, transferlab.TransferlabError)
+    assert "rows have different lengths" in str(r.exception)
