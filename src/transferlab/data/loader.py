@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -96,7 +97,7 @@ def _iter_pool(jobs: list[_Job], n_workers: int) -> Iterator[DecodedBatch]:
         slots = _SharedSlots.create(n_slots, (len(jobs[0][1]), 3, *jobs[0][2].input_size))
         if slots is not None:
             cleanup.callback(slots.release)
-        executor = ProcessPoolExecutor(max_workers=n_workers, initializer=_init_worker)
+        executor = ProcessPoolExecutor(max_workers=n_workers, initializer=init_worker)
         cleanup.callback(executor.shutdown, wait=True, cancel_futures=True)
         cleanup.callback(lambda: [future.cancel() for future, _ in pending])
 
@@ -215,6 +216,21 @@ def _decode_into(job: _Job, out: np.ndarray) -> tuple[list[int], list[tuple[int,
     return indices, failures
 
 
-def _init_worker() -> None:
+def init_worker() -> None:
     # Ctrl-C goes to the whole process group; the parent handles it and shuts the pool down.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """On Linux, have the kernel SIGTERM this worker when its parent dies (even by SIGKILL),
+    so a killed `fit`/`predict` never leaves decode workers behind."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass

@@ -13,6 +13,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 from transferlab.data.images import MAX_PIXELS, bytes_digest, open_rgb
+from transferlab.data.loader import init_worker
 from transferlab.errors import ImageError
 
 _CHECK_SIZE = (32, 32)
@@ -64,7 +65,7 @@ def scan_files(
     if workers <= 1 or len(jobs) < 64:
         consume(map(_scan_one, jobs))
     else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with ProcessPoolExecutor(max_workers=workers, initializer=init_worker) as pool:
             consume(pool.map(_scan_one, jobs, chunksize=32))
     if on_progress and len(digests) % 64:
         on_progress(len(digests) % 64)
