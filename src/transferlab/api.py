@@ -355,9 +355,14 @@ class Classifier:
 def load(path: str | os.PathLike) -> Classifier:
     """Load a saved run folder (safetensors + JSON only; nothing is unpickled or executed)."""
     clf = Classifier(SavedModel.load(path))
-    metrics = Path(path) / METRICS_FILE
-    if metrics.is_file():
-        clf.metrics = json.loads(metrics.read_text())
+    for name, attr in (
+        (METRICS_FILE, "metrics"),
+        (HISTORY_FILE, "history"),
+        (DATA_FILE, "data_summary"),
+    ):
+        f = Path(path) / name
+        if f.is_file():
+            setattr(clf, attr, json.loads(f.read_text()))
     return clf
 
 

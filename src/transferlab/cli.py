@@ -164,6 +164,9 @@ def fit(
         deterministic=deterministic,
     )
     clf = transferlab.fit(data, out=out, config=cfg)
+    from transferlab.evaluation.report import write_report
+
+    write_report(out, classifier=clf)
     _print_counts(clf.data_summary["counts"], f"{data}")
     _print_metrics(clf.metrics, clf.classes)
     t = clf.metrics["timings"]
@@ -192,12 +195,22 @@ def evaluate(
     data: Path = typer.Argument(..., help="The dataset to evaluate on."),
     split: str = typer.Option("test", help="train | val | test"),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the metrics here."),
+    tta: str = typer.Option("none", help="none | flip | flip5crop (test-time augmentation)."),
+    calibrate: bool = typer.Option(False, help="Fit a temperature on val; store it in the model."),
+    report_dir: Path | None = typer.Option(None, "--report", help="Write DIR/report.html."),
 ) -> None:
-    """Accuracy with 95% CI, balanced accuracy, per-class P/R/F1 and the confusion matrix."""
+    """Accuracy with 95% CI, balanced accuracy, per-class P/R/F1, confusion matrix, ECE."""
     import transferlab
 
     clf = transferlab.load(run)
-    report = clf.evaluate(data, split=split)
+    if tta != "none" or calibrate or report_dir is not None:
+        from transferlab.cli_see import evaluate_run
+
+        report = evaluate_run(
+            run, data, split=split, tta=tta, calibrate=calibrate, report_dir=report_dir
+        )["report"]
+    else:
+        report = clf.evaluate(data, split=split)
     _print_metrics({"test" if split == "test" else "val": report} | {}, clf.classes)
     table = Table(title="confusion matrix (rows: true)")
     table.add_column("")
@@ -374,6 +387,8 @@ def convolve(
     out_console.print(str(ex.plot_convolution(rgb, k, out)))
 
 
+from transferlab.cli_see import register as _register_see  # noqa: E402
 from transferlab.cli_ship import register as _register_ship  # noqa: E402
 
+_register_see(app)
 _register_ship(app)

@@ -18,6 +18,7 @@ from typing import Any
 from transferlab.api import fit, prepare_data
 from transferlab.config import FitConfig
 from transferlab.errors import TransferlabError
+from transferlab.evaluation.report import write_report
 from transferlab.progress import info
 
 # The scratch rungs are the expensive ones on a CPU: 15 epochs at the tutorial's 150x150 show
@@ -108,6 +109,7 @@ def ladder(
             t0 = time.perf_counter()
             clf = fit(data, out=run_dir, config=cfg, prepared=prepared)
             seconds = time.perf_counter() - t0
+            write_report(run_dir, classifier=clf)
             runs.append(_rung_record(clf.metrics, seconds, run_dir, cfg.seed))
             _say(name, runs[-1])
         results.append(_combine(name, description, overrides, runs))
@@ -121,6 +123,7 @@ def ladder(
     (out / "ladder.json").write_text(json.dumps(report, indent=2))
     (out / "ladder.md").write_text(markdown_table(report))
     _charts(report, out)
+    write_report(out)
     return report
 
 

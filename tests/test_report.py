@@ -1,0 +1,206 @@
+"""The HTML report: every section present, self-contained (data: URIs only), small, degrading
+gracefully; the CLI commands ``report``/``compare`` and ``evaluate_run``."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+
+import numpy as np
+import pytest
+import typer
+from PIL import Image
+from typer.testing import CliRunner
+
+import transferlab
+from transferlab.cli_see import evaluate_run, register
+from transferlab.evaluation import explain
+from transferlab.evaluation.analysis import PREDICTIONS_FILE, load_predictions
+from transferlab.evaluation.report import build_report
+from transferlab.ladder import ladder
+
+TINY = "mobilenetv2_035"
+SECTIONS = (
+    "data",
+    "config",
+    "curves",
+    "metrics",
+    "confusion",
+    "calibration",
+    "top-losses",
+    "suspects",
+    "gradcam",
+)
+MAX_BYTES = 15_000_000
+MAX_SECONDS = 10.0
+
+
+def _photo(path, colour, rng, size=40):
+    img = np.array(colour, dtype=np.float32) + rng.normal(0, 70, size=(size, size, 3))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, quality=90)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two runs on one noisy synthetic dataset (so there are mistakes to show) + a ladder."""
+    root = tmp_path_factory.mktemp("report")
+    rng = np.random.default_rng(0)
+    data = root / "data"
+    for split, n in (("train", 10), ("val", 6), ("test", 6)):
+        for cls, colour in {"cat": (150, 110, 90), "dog": (100, 110, 150)}.items():
+            for i in range(n):
+                _photo(data / split / cls / f"{cls}.{i}.jpg", colour, rng)
+    common = dict(
+        backbone=TINY, pretrained=False, engine="torch", cache_dir=str(root / "cache"), workers=0
+    )
+    # The real ladder writes the ladder.json the report reads: two cheap rungs of it.
+    ladder(data, out=root / "ladder", rungs=["features-linear", "features-mlp"], **common)
+    lin_dir, mlp_dir = root / "ladder" / "features-linear", root / "ladder" / "features-mlp"
+    t0 = time.perf_counter()
+    report = build_report(lin_dir)  # what every fit does once wired
+    seconds = time.perf_counter() - t0
+    build_report(mlp_dir, gradcam=0)
+    t0 = time.perf_counter()
+    ladder_report = build_report(root / "ladder")
+    ladder_seconds = time.perf_counter() - t0
+    return {
+        "root": root,
+        "data": data,
+        "lin": lin_dir,
+        "mlp": mlp_dir,
+        "metrics": json.loads((lin_dir / "metrics.json").read_text()),
+        "report": report,
+        "seconds": seconds,
+        "ladder_report": ladder_report,
+        "ladder_seconds": ladder_seconds,
+    }
+
+
+def _srcs(doc):
+    return re.findall(r'\b(?:src|href)\s*=\s*"([^"]*)"', doc)
+
+
+def test_report_has_every_section_and_is_self_contained(runs):
+    path = runs["report"]
+    assert path == runs["lin"] / "report.html"
+    doc = path.read_text()
+    for sid in SECTIONS:
+        assert f'<section id="{sid}">' in doc, sid
+    assert "unavailable" not in doc.replace(".unavailable{", "")  # no section failed
+    # offline: every image is embedded, every link is an in-page anchor, nothing is fetched
+    refs = _srcs(doc)
+    imgs = re.findall(r"<img\b[^>]*>", doc)
+    assert len(imgs) >= 20  # figures + thumbnails + galleries + Grad-CAM pairs
+    assert all(
+        r.startswith(("data:image/png;base64,", "data:image/jpeg;base64,", "#")) for r in refs
+    )
+    assert not any("http" in r for r in refs)
+    assert "<script" not in doc and "<link" not in doc and "@import" not in doc
+    assert "url(" not in doc
+    assert path.stat().st_size < MAX_BYTES
+    assert runs["seconds"] < MAX_SECONDS
+
+
+def test_report_content_matches_the_run(runs):
+    doc = runs["report"].read_text()
+    m = runs["metrics"]["test"]
+    lo, hi = m["accuracy_ci95"]
+    assert f"{100 * m['accuracy']:.1f}%" in doc and f"{100 * lo:.1f}%" in doc
+    assert "Most confused pairs" in doc or "No mistakes" in doc
+    assert "Temperature scaling fitted on val would give T =" in doc
+    assert "the strength with the lowest validation loss is kept" in doc  # a linear head
+    assert "Samples per class" in doc and re.search(r"<figcaption>dog\.\d+\.jpg<", doc)
+    # thumbnails are small JPEGs: none of the embedded JPEGs is big
+    jpegs = re.findall(r"data:image/jpeg;base64,([A-Za-z0-9+/=]+)", doc)
+    assert jpegs and max(len(j) for j in jpegs) * 3 / 4 < 60_000
+    # per-image predictions were written for compare_runs
+    pred = load_predictions(runs["lin"], "test")
+    assert len(pred["paths"]) == m["n"]
+    acc = np.mean([a == b for a, b in zip(pred["labels"], pred["predicted"], strict=True)])
+    assert acc == pytest.approx(m["accuracy"])
+
+
+def test_ladder_report_compares_rungs_with_mcnemar(runs):
+    path = runs["ladder_report"]
+    assert path == runs["root"] / "ladder" / "report.html"
+    doc = path.read_text()
+    assert '<section id="ladder">' in doc
+    assert "Paired test (McNemar)" in doc
+    assert ">features-linear<" in doc and ">features-mlp<" in doc
+    assert "frozen pretrained base, cached features, linear head" in doc  # rung description
+    for sid in SECTIONS:  # the best rung is detailed below the comparison
+        assert f'<section id="{sid}">' in doc
+    assert path.stat().st_size < MAX_BYTES
+    assert runs["ladder_seconds"] < MAX_SECONDS
+
+
+def test_report_degrades_when_images_moved_and_gradcam_fails(runs, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(runs["lin"], run)
+    summary = json.loads((run / "data.json").read_text())
+    summary["index"]["root"] = str(tmp_path / "moved-away")
+    (run / "data.json").write_text(json.dumps(summary))
+    (run / PREDICTIONS_FILE).unlink()
+    path = build_report(run)
+    doc = path.read_text()
+    assert doc.count('class="unavailable"') >= 3  # calibration, top losses, Grad-CAM, ...
+    assert "missing" in doc
+    for sid in ("config", "curves", "metrics", "confusion"):  # built from the run's JSON
+        section = doc.split(f'<section id="{sid}">')[1].split("</section>")[0]
+        assert "unavailable" not in section
+    assert not (run / PREDICTIONS_FILE).exists()
+
+    # Relocated with --data, everything is back except what we break on purpose.
+    def broken(*a, **k):
+        raise RuntimeError("no gradients here")
+
+    monkeypatch.setattr(explain, "grad_cam", broken)
+    doc = build_report(run, data=runs["data"]).read_text()
+    gradcam = doc.split('<section id="gradcam">')[1].split("</section>")[0]
+    assert "unavailable" in gradcam and "no gradients here" in gradcam
+    top = doc.split('<section id="top-losses">')[1].split("</section>")[0]
+    assert "unavailable" not in top
+
+
+def test_evaluate_run_calibrates_tta_and_reports(runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(runs["mlp"], run)
+    res = evaluate_run(run, runs["data"], tta="flip", calibrate=True, report_dir=tmp_path / "rep")
+    t = res["calibration"]["temperature"]
+    assert json.loads((run / "model.json").read_text())["temperature"] == pytest.approx(t)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["calibration"]["temperature"] == pytest.approx(t)
+    assert metrics["tta"]["views"] == 2 and metrics["tta"]["split"] == "test"
+    assert metrics["tta"]["plain"]["accuracy"] == pytest.approx(res["report"]["accuracy"])
+    # calibration changes probabilities, never the decisions
+    assert res["report"]["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
+    doc = (tmp_path / "rep" / "report.html").read_text()
+    assert "Temperature scaling (T = " in doc and "Test-time augmentation" in doc
+    assert transferlab.load(run).saved.temperature == pytest.approx(t)
+
+
+def test_cli_report_and_compare(runs, tmp_path):
+    app = typer.Typer()
+    register(app)
+    runner = CliRunner()
+    out = tmp_path / "r.html"
+    res = runner.invoke(app, ["report", str(runs["lin"]), "--out", str(out), "--gradcam", "0"])
+    assert res.exit_code == 0, res.output
+    assert out.is_file() and '<section id="gradcam">' not in out.read_text()
+    res = runner.invoke(
+        app,
+        [
+            "compare",
+            str(runs["lin"]),
+            str(runs["mlp"]),
+            "--out",
+            str(tmp_path / "c"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "McNemar" in res.output
+    cmp = json.loads((tmp_path / "c" / "compare.json").read_text())
+    assert cmp["shared_test"] is True and (tmp_path / "c" / "compare.png").is_file()
