@@ -29,15 +29,15 @@ _SCRATCH_BUDGET = {"epochs": 15, "image_size": 150}
 RUNGS: dict[str, tuple[str, dict[str, Any]]] = {
     "scratch-basic": (
         "tutorial CNN from scratch",
-        {"strategy": "scratch-basic", "augment": "none"},
+        {"strategy": "scratch-basic", "augment": "none", **_SCRATCH_BUDGET},
     ),
     "scratch-regularized": (
         "+ dropout, one more conv block",
-        {"strategy": "scratch-regularized", "augment": "none"},
+        {"strategy": "scratch-regularized", "augment": "none", **_SCRATCH_BUDGET},
     ),
     "scratch-basic-aug": (
         "tutorial CNN + augmentation",
-        {"strategy": "scratch-basic", "augment": "tutorial"},
+        {"strategy": "scratch-basic", "augment": "tutorial", **_SCRATCH_BUDGET},
     ),
     "features-linear": (
         "frozen pretrained base, cached features, linear head",

@@ -1,0 +1,149 @@
+"""Fine-tuning throughput: transferlab's engine vs a plain PyTorch loop, same run.
+
+    .venv/bin/python benchmarks/train.py [--images 320] [--unfreeze 2] [--repeats 2]
+
+Both train the same MobileNetV2 (+ a linear head) with the top ``--unfreeze`` stages trainable,
+BatchNorm frozen, channels_last, AdamW, batch 32, the same images, the same ``light``
+augmentation and dataset class, the same DataLoader worker count and torch thread count. The
+plain loop is what a careful user writes by hand (requires_grad=False below the boundary); the
+engine adds Lightning Fabric, stage plans, LR schedule, checkpoints and the history CSV.
+Both are timed wall-clock from a fresh network to the end of the epoch (the engine's set-up,
+checkpoints and CSV included). Runs alternate and the medians are compared: target overhead
+<= 10%. Peak RSS of this process (and of its decode workers) is printed too. Also prints the
+fastai reference from perf-notes.md (12.6 img/s on this kind of machine) for the 2x target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+FASTAI_IMG_S = 12.6  # perf-notes.md: fastai fine_tune, MobileNetV2 at 224, BN frozen, 2 cores
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=SHARED / "datasets" / "cats_vs_dogs_small")
+    ap.add_argument(
+        "--backbone", default=f"local-dir:{SHARED / 'weights' / 'mobilenetv2_100.tf_quant_in1k'}"
+    )
+    ap.add_argument("--images", type=int, default=320, help="training images per epoch")
+    ap.add_argument("--unfreeze", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    if not args.data.is_dir():
+        sys.exit(f"{args.data}: not found (the benchmark needs ../shared)")
+    os.environ.setdefault("TRANSFERLAB_QUIET", "1")
+
+    from transferlab.augment import build_transform, draft_size
+    from transferlab.backbones import create_backbone
+    from transferlab.config import FitConfig
+    from transferlab.data.dataset import ImageDataset, collate
+    from transferlab.engine import Stage, _default_workers, body_stages, train
+    from transferlab.heads import build_head
+    from transferlab.model import ClassifierNet
+    from transferlab.runtime import tune_glibc_malloc
+    from transferlab.strategies import Split
+
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    tune_glibc_malloc()  # both sides get the allocator fix, so it does not flatter the engine
+    backbone = create_backbone(args.backbone)
+    pre = backbone.preprocess
+    rng = np.random.default_rng(0)
+    files = [
+        (p, c)
+        for c, d in enumerate(["cat", "dog"])
+        for p in (args.data / "train" / d).glob("*.jpg")
+    ]
+    pick = rng.permutation(len(files))[: args.images]
+    paths = [str(files[i][0]) for i in pick]
+    labels = np.array([files[i][1] for i in pick], dtype=np.int64)
+    split = Split(paths=paths, labels=labels, digests=[""] * len(paths))
+    cfg = FitConfig(backbone=args.backbone, patience=None, deterministic=False, seed=0)
+    workers = _default_workers(cfg)
+    head_spec = {"kind": "linear", "in_features": backbone.num_features, "num_classes": 2}
+
+    def fresh_net() -> ClassifierNet:
+        return ClassifierNet(copy.deepcopy(backbone.model), build_head(head_spec))
+
+    def engine_run() -> float:
+        stage = Stage("finetune", 1, args.unfreeze, lr=1e-3, lr_mult=0.1, bn="frozen")
+        net = fresh_net()
+        with tempfile.TemporaryDirectory() as out:
+            # Wall clock of the whole call: Fabric set-up, stage plan, checkpoints and the
+            # history CSV are all part of what the engine costs.
+            t0 = time.perf_counter()
+            train(
+                net, split, None, preprocess=pre, config=cfg, out=Path(out),
+                stages=[stage], augment="light",
+            )  # fmt: skip
+            return len(paths) / (time.perf_counter() - t0)
+
+    def plain_run() -> float:
+        net = fresh_net()
+        t0 = time.perf_counter()
+        stages = body_stages(net.body)
+        top = {id(p) for _, m in stages[-args.unfreeze :] for p in m.parameters()}
+        body_params = [p for p in net.body.parameters() if id(p) in top]
+        for p in net.body.parameters():
+            p.requires_grad_(id(p) in top)
+        net.train()
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        net.to(memory_format=torch.channels_last)
+        opt = torch.optim.AdamW(
+            [{"params": body_params, "lr": 1e-4}, {"params": net.head.parameters(), "lr": 1e-3}]
+        )
+        ds = ImageDataset(
+            paths, labels, build_transform("light", pre, train=True), draft=draft_size(pre)
+        )
+        loader = DataLoader(
+            ds, batch_size=cfg.batch_size, shuffle=True, num_workers=workers, collate_fn=collate
+        )
+        loss_fn = nn.CrossEntropyLoss()
+        n = 0
+        for x, y in loader:
+            loss = loss_fn(net(x.contiguous(memory_format=torch.channels_last)), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            n += len(y)
+        return n / (time.perf_counter() - t0)
+
+    print(
+        f"{len(paths)} images/epoch, batch {cfg.batch_size}, unfreeze top {args.unfreeze} of "
+        f"{len(body_stages(backbone.model))} stages, {threads} threads, {workers} decode worker(s)"
+    )
+    engine_rates, plain_rates = [], []
+    for k in range(args.repeats):
+        engine_rates.append(engine_run())
+        plain_rates.append(plain_run())
+        print(f"  round {k + 1}: engine {engine_rates[-1]:.1f} img/s, plain {plain_rates[-1]:.1f}")
+    e, p = statistics.median(engine_rates), statistics.median(plain_rates)
+    print(f"engine (transferlab finetune): {e:6.1f} img/s")
+    print(f"plain PyTorch loop           : {p:6.1f} img/s")
+    print(f"engine overhead: {(p / e - 1) * 100:+.1f}%   (target <= 10%)")
+    print(f"vs fastai fine_tune's {FASTAI_IMG_S} img/s: {e / FASTAI_IMG_S:.2f}x (target >= 2x)")
+    self_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    child_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(f"peak RSS: {self_mb:.0f} MB (main process), {child_mb:.0f} MB (largest worker)")
+
+
+if __name__ == "__main__":
+    main()
