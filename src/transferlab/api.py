@@ -7,12 +7,11 @@ DATA → discover (index of path/label/split) → scan (digest + decode check, l
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import random
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,12 +21,11 @@ import torch
 
 from transferlab.config import FitConfig
 from transferlab.data.discover import DatasetIndex, discover, find_cross_split_duplicates
-from transferlab.data.images import IMAGE_EXTENSIONS
 from transferlab.data.scan import scan_files
 from transferlab.errors import TransferlabError
 from transferlab.evaluation.metrics import classification_report
 from transferlab.model import SavedModel
-from transferlab.progress import info, progress, warn
+from transferlab.progress import progress, warn
 from transferlab.strategies import STRATEGIES, Split, StrategyContext
 
 METRICS_FILE = "metrics.json"
@@ -184,15 +182,16 @@ def fit(
     clf.metrics = metrics
     clf.history = result.history
     clf.data_summary = prepared.summary()
-    if out_path is not None and _is_rank_zero():
+    if out_path is not None and is_rank_zero():
         clf.save(out_path)
     return clf
 
 
-def _is_rank_zero() -> bool:
-    """Under srun/torchrun every rank runs the whole command; only rank 0 writes the run folder.
-    (The same variables Lightning reads, without importing Lightning for the features path.)"""
-    for var in ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+def is_rank_zero() -> bool:
+    """Under srun, torchrun or Fabric's ddp re-launch every rank runs the whole command; only
+    rank 0 writes the run folder and prints. Reads the variables Lightning reads, in its order,
+    without importing Lightning on the features path."""
+    for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
         if var in os.environ:
             return int(os.environ[var]) == 0
     return True
@@ -233,9 +232,13 @@ class Classifier:
                 pretrained=not body.get("trained", False),
             )
             cfg = self.saved.config
+            # The training machine's cache folder is used when it is here too (a re-evaluation
+            # then hits it); a model moved to another machine uses this machine's default.
+            cache_dir = cfg.get("cache_dir")
+            usable = cache_dir and os.access(cache_dir, os.W_OK)
             self._extractor = FeatureExtractor(
                 backbone,
-                cache=FeatureCache(Path(cfg["cache_dir"]) if cfg.get("cache_dir") else None),
+                cache=FeatureCache(Path(cache_dir) if usable else None),
                 engine=engine,
                 batch_size=batch_size,
                 workers=workers,
@@ -366,32 +369,6 @@ def load(path: str | os.PathLike) -> Classifier:
     return clf
 
 
-def expand_sources(sources: Sequence[str | os.PathLike] | str) -> Iterable[str]:
-    """Files as given, folders recursively (image extensions only), globs expanded; sorted."""
-    if isinstance(sources, str | os.PathLike):
-        sources = [sources]
-    for src in sources:
-        src = str(src)
-        p = Path(src)
-        if p.is_dir():
-            for f in sorted(p.rglob("*")):
-                if (
-                    f.is_file()
-                    and f.suffix.lower() in IMAGE_EXTENSIONS
-                    and not f.name.startswith(".")
-                ):
-                    yield str(f)
-        elif p.is_file():
-            yield src
-        elif glob.has_magic(src):
-            matches = sorted(glob.glob(src, recursive=True))
-            if not matches:
-                warn(f"{src}: the pattern matches no file")
-            yield from (m for m in matches if Path(m).is_file())
-        else:
-            raise TransferlabError(f"{src}: no such file or folder")
-
-
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
@@ -408,4 +385,4 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
 
 
-__all__ = ["Classifier", "PreparedData", "fit", "load", "prepare_data", "expand_sources", "info"]
+__all__ = ["Classifier", "PreparedData", "fit", "is_rank_zero", "load", "prepare_data"]

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from transferlab.config import DEFAULT_BACKBONE, FitConfig
@@ -21,11 +22,14 @@ app = typer.Typer(
     help="Turn a folder of labelled images into an evaluated classifier by transfer learning.",
 )
 
-out_console = console.__class__()  # stdout, for results that users pipe
+out_console = Console()  # stdout, for results that users pipe
 
 
 def main() -> None:
     """Console entry point: user errors become one line on stderr, never a traceback."""
+    import faulthandler
+
+    faulthandler.enable()  # a crash in native code (decoder, runtime) still says where
     try:
         app()
     except TransferlabError as e:
@@ -122,9 +126,11 @@ def fit(
     dist_strategy: str = typer.Option("auto", help="Lightning strategy: auto | ddp | ddp_spawn"),
     precision: str = typer.Option("32-true", help="32-true | bf16-mixed | 16-mixed"),
     deterministic: bool = typer.Option(True, help="Reproducible kernels and data order."),
+    max_pixels: int = typer.Option(89_478_485, help="Refuse larger images (bomb guard)."),
 ) -> None:
     """Train on DATA and evaluate on its val/test splits; writes OUT/ (model, metrics.json)."""
     import transferlab
+    from transferlab.api import is_rank_zero
 
     cfg = FitConfig(
         backbone=backbone,
@@ -162,8 +168,11 @@ def fit(
         dist_strategy=dist_strategy,
         precision=precision,
         deterministic=deterministic,
+        max_pixels=max_pixels,
     )
     clf = transferlab.fit(data, out=out, config=cfg)
+    if not is_rank_zero():
+        return  # rank 0 reports; the others trained alongside it
     from transferlab.evaluation.report import write_report
 
     write_report(out, classifier=clf)
@@ -211,7 +220,9 @@ def evaluate(
         )["report"]
     else:
         report = clf.evaluate(data, split=split)
-    _print_metrics({"test" if split == "test" else "val": report} | {}, clf.classes)
+    from transferlab.evaluation.metrics import format_report_table
+
+    out_console.print(format_report_table(report, clf.classes, title=split))
     table = Table(title="confusion matrix (rows: true)")
     table.add_column("")
     for c in clf.classes:
@@ -277,8 +288,13 @@ def ladder(
     names = [r.strip() for r in rungs.split(",")] if rungs else None
     report = run_ladder(data, out=out, rungs=names, seeds=seeds, quick=quick, config=cfg)
     out_console.print((out / "ladder.md").read_text(), highlight=False, soft_wrap=True)
-    best = max(report["rungs"], key=lambda r: r.get("test", r.get("val", {})).get("accuracy", 0))
-    out_console.print(f"best rung: {best['name']}; written to {out}/ (ladder.json, ladder.md)")
+    from transferlab.evaluation.report import best_rung
+
+    best = best_rung(report)
+    out_console.print(
+        f"best rung on val: {best['name'] if best else '–'}; written to {out}/ "
+        "(ladder.json, ladder.md, ladder.png, report.html)"
+    )
 
 
 @app.command("lr-find")
@@ -310,7 +326,7 @@ def lr_find(
     )
     result = lr_find_strategy(ctx, out)
     for name, lr in result["suggestions"].items():
-        out_console.print(f"{name:>8}: {lr:.2e}")
+        out_console.print(f"{name:>8}: {'–' if lr is None else f'{lr:.2e}'}")
     out_console.print(f"plot saved to {out}")
 
 

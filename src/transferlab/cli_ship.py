@@ -228,7 +228,15 @@ def serve(
     log_level: str = typer.Option("info", help="debug | info | warning"),
 ) -> None:
     """Serve RUN over HTTP: POST /predict, GET /health, GET /model, docs at /docs."""
-    from transferlab.serve import MB, run_server
+    if log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
+        raise TransferlabError("--log-level takes debug, info, warning or error")
+    try:
+        from transferlab.serve import MB, run_server
+    except ImportError as e:
+        raise TransferlabError(
+            f"serving needs FastAPI and uvicorn ({e.name} is missing): "
+            "pip install 'transferlab[serve]'"
+        ) from e
 
     run_server(
         run,

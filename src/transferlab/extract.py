@@ -17,6 +17,7 @@ from transferlab.backbones import Backbone
 from transferlab.cache import FeatureCache
 from transferlab.data.images import MAX_PIXELS
 from transferlab.data.loader import iter_decoded
+from transferlab.progress import warn
 from transferlab.runtime import FeatureRuntime, make_runtime
 
 
@@ -52,6 +53,7 @@ class FeatureExtractor:
         self.workers = workers
         self.max_pixels = max_pixels
         self._runtime: FeatureRuntime | None = None
+        self._cache_broken = False
 
     @property
     def runtime(self) -> FeatureRuntime:
@@ -61,6 +63,16 @@ class FeatureExtractor:
                 self.backbone, engine=self.engine, export_dir=self.cache.exports_dir
             )
         return self._runtime
+
+    def _remember(self, items: dict[str, np.ndarray]) -> None:
+        # A cache that can't be written (read-only home, full disk) costs speed, not the run.
+        if self._cache_broken:
+            return
+        try:
+            self.store.put_many(items)
+        except OSError as e:
+            self._cache_broken = True
+            warn(f"feature cache {self.store.path} is not writable ({e}); continuing without it")
 
     def __call__(
         self,
@@ -101,7 +113,7 @@ class FeatureExtractor:
                     rows = [misses[j] for j in batch.indices]
                     features[rows] = feats
                     ok[rows] = True
-                    self.store.put_many({digests[r]: f for r, f in zip(rows, feats, strict=True)})
+                    self._remember({digests[r]: f for r, f in zip(rows, feats, strict=True)})
                 if on_progress:
                     on_progress(len(batch.indices) + len(batch.failures))
         t2 = time.perf_counter()

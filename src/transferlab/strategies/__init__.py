@@ -50,7 +50,7 @@ class StrategyContext:
     _extractor: FeatureExtractor | None = None
 
     def backbone(self) -> Backbone:
-        """The pretrained backbone, built once and shared by every rung of a ladder."""
+        """The pretrained backbone, built once per fit (shared by the strategy and evaluation)."""
         if self._backbone is None:
             from transferlab.backbones import create_backbone
 
