@@ -335,3 +335,72 @@ def test_classifier_plot_methods(fitted, tmp_path):
     assert (tmp_path / "curves.png").is_file() and (tmp_path / "rel.png").is_file()
     with pytest.raises(TransferlabError):
         clf.plot_confusion("train")
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation on a dataset given explicitly: scanned as fit scans it
+
+
+def _with_truncated_jpeg(data, dest):
+    """A copy of ``data`` with one truncated JPEG in test/blue: it exists, it does not decode."""
+    import shutil
+
+    shutil.copytree(data, dest)
+    bad = dest / "test" / "blue" / "broken.jpg"
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(bad, quality=90)
+    raw = bad.read_bytes()
+    bad.write_bytes(raw[: len(raw) // 2])
+    return dest, str(bad)
+
+
+def test_given_data_with_a_corrupt_image_is_skipped_like_fit_skips_it(fitted, tmp_path):
+    from transferlab.export import _ImageSource
+
+    data, bad = _with_truncated_jpeg(fitted["data"], tmp_path / "data")
+    root = fitted["root"]
+    res = compare_runs([root / "run_linear", root / "run_mlp"], data)
+    assert [s["path"] for s in res["skipped"]] == [bad]
+    assert "truncated" in res["skipped"][0]["reason"]
+    assert res["shared_test"] is True and len(res["mcnemar"]) == 1
+    for row, clf in zip(res["runs"], (fitted["clf"], fitted["clf_mlp"]), strict=True):
+        assert [s["path"] for s in row["skipped"]] == [bad]
+        # the good images are the run's own test images: the same accuracy as at fit time
+        assert row["test"]["n"] == clf.metrics["test"]["n"]
+        assert row["test"]["accuracy"] == pytest.approx(clf.metrics["test"]["accuracy"])
+    # resolve_splits / classifier_split on given data go through the same scan
+    splits = resolve_splits(root / "run_linear", ("test",), data=data)
+    assert bad not in splits["test"].paths and all(splits["test"].digests)
+    assert bad not in analysis.classifier_split(fitted["clf"], "test", data).paths
+    prepared = analysis.prepare_run_data(data, fitted["clf"].saved.config, fitted["clf"].classes)
+    assert [p for p, _ in prepared.skipped] == [bad]
+    with pytest.raises(TransferlabError, match="differ from the model's"):
+        analysis.prepare_run_data(data, fitted["clf"].saved.config, ["red", "blue"])
+    # export's image source: the same splits, the corrupt file never offered for calibration
+    source = _ImageSource(fitted["clf"], root / "run_linear", data)
+    assert bad not in [p for p, _ in source.split("test")]
+    assert [p for p, _ in source.split("test")] == splits["test"].paths
+
+
+def test_read_json_policy_missing_is_none_corrupt_names_the_file(fitted, tmp_path):
+    assert analysis.read_json(tmp_path / "nope.json") is None
+    good = tmp_path / "good.json"
+    good.write_text('{"a": 1}')
+    assert analysis.read_json(good) == {"a": 1}
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"a": ')
+    with pytest.raises(TransferlabError, match=r"bad\.json: unreadable JSON"):
+        analysis.read_json(bad)
+    (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(TransferlabError, match=r"binary\.json: unreadable"):
+        analysis.read_json(tmp_path / "binary.json")
+    with pytest.raises(TransferlabError, match="unreadable"):
+        analysis.read_json(tmp_path)  # a folder, not a file
+    # compare_runs follows it: a corrupt metrics.json is an error naming it, not "no metrics"
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(fitted["root"] / "run_linear", run)
+    (run / "metrics.json").write_text("{")
+    with pytest.raises(TransferlabError, match=r"metrics\.json: unreadable JSON"):
+        compare_runs([run])

@@ -442,3 +442,39 @@ def test_plot_convolution_png(tmp_path: Path) -> None:
     img = np.random.default_rng(0).integers(0, 256, (3, 40, 50), dtype=np.uint8)
     for kernel in ["mean", "sobel-y", "1,0,-1;2,0,-2;1,0,-1"]:
         assert _png(plot_convolution(img, kernel, tmp_path / "conv.png")) == (1200, 420)
+
+
+# ------------------------------------------------------- fixed-input-size models
+
+
+def _scratch_net(size: int) -> nn.Module:
+    from transferlab.scratch import build_scratch_body, scratch_recipe
+
+    torch.manual_seed(0)
+    body = build_scratch_body(scratch_recipe("basic", size))
+    return ClassifierNet(body, nn.Linear(body.num_features, 2)).eval()
+
+
+def test_fixed_size_models_need_their_own_input_size(tmp_path: Path) -> None:
+    """A Flatten + Dense CNN takes one size only: the dummy forward must use it."""
+    net = _scratch_net(80)
+    with pytest.raises(TransferlabError, match=r"does not take a 64x64 input.*input_size"):
+        find_target_layer(net, (64, 64))
+    name, _ = find_target_layer(net, (80, 80))
+    assert name == "body.pool3"  # the last spatial map, right before Flatten
+    rng = np.random.default_rng(1)
+    imgs = rng.integers(0, 256, size=(2, 3, 80, 80), dtype=np.uint8)
+    cams, _ = grad_cam(net, normalize(imgs, MEAN, STD), target_layer=name, input_size=(80, 80))
+    assert cams.shape == (2, 80, 80)
+    out = save_explanations(
+        net, imgs, ["a.jpg", "b.jpg"], ["x", "y"], MEAN, STD, tmp_path, input_size=(80, 80)
+    )
+    assert len(out) == 2
+    small = rng.integers(0, 256, size=(1, 3, 64, 64), dtype=np.uint8)
+    with pytest.raises(TransferlabError, match="are 64x64 but the model takes 80x80"):
+        grad_cam(net, normalize(small, MEAN, STD), input_size=(80, 80))
+    with pytest.raises(TransferlabError, match="are 64x64 but the model takes 80x80"):
+        feature_maps(net, normalize(small, MEAN, STD), input_size=(80, 80))
+    maps = feature_maps(net, normalize(imgs[:1], MEAN, STD), input_size=(80, 80))
+    assert list(maps) == default_feature_stages(net)
+    assert _no_hooks(net)

@@ -204,3 +204,140 @@ def test_cli_report_and_compare(runs, tmp_path):
     assert "McNemar" in res.output
     cmp = json.loads((tmp_path / "c" / "compare.json").read_text())
     assert cmp["shared_test"] is True and (tmp_path / "c" / "compare.png").is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# fixed-input-size models, data given explicitly, best rung, run files
+
+
+def test_scratch_run_report_has_a_working_gradcam(runs, tmp_path):
+    """A scratch CNN (Flatten + Dense) takes one input size only: Grad-CAM must trace at it.
+
+    80 px, not 64: the report used to trace the layer choice at 64 px, which a 64 px model
+    takes by chance; any other size failed with a matmul shape error."""
+    run = tmp_path / "scratch"
+    clf = transferlab.fit(
+        runs["data"],
+        out=run,
+        strategy="scratch-basic",
+        image_size=80,
+        epochs=1,
+        engine="torch",
+        cache_dir=str(runs["root"] / "cache"),
+        workers=0,
+    )
+    assert tuple(clf.saved.preprocess.input_size) == (80, 80)
+    doc = build_report(run, classifier=clf, top_k=4, thumbnails=1).read_text()
+    gradcam = doc.split('<section id="gradcam">')[1].split("</section>")[0]
+    assert "unavailable" not in gradcam
+    assert "<code>body.pool3</code>" in gradcam and gradcam.count("<figure>") == 4
+
+
+def _with_truncated_jpeg(data, dest):
+    shutil.copytree(data, dest)
+    bad = dest / "test" / "cat" / "broken.jpg"
+    Image.fromarray(np.full((40, 40, 3), 128, np.uint8)).save(bad, quality=90)
+    raw = bad.read_bytes()
+    bad.write_bytes(raw[: len(raw) // 2])
+    return dest, bad
+
+
+def test_report_evaluate_and_compare_on_given_data_skip_a_corrupt_image(
+    runs, tmp_path, monkeypatch
+):
+    from transferlab.evaluation import analysis
+
+    data, bad = _with_truncated_jpeg(runs["data"], tmp_path / "data")
+    doc = build_report(runs["lin"], data=data, out=tmp_path / "r" / "report.html").read_text()
+    for sid in ("data", "calibration", "top-losses", "suspects", "gradcam"):
+        section = doc.split(f'<section id="{sid}">')[1].split("</section>")[0]
+        assert "unavailable" not in section, sid
+    data_section = doc.split('<section id="data">')[1].split("</section>")[0]
+    assert "Skipped files in" in data_section and f"<td>{bad}</td>" in data_section
+    assert "truncated" in data_section
+
+    # evaluate --report: one scan of the folder, shared by the evaluation and the report
+    scans = []
+    real = analysis.prepare_run_data
+
+    def counting(*a, **k):
+        scans.append(a[0])
+        return real(*a, **k)
+
+    monkeypatch.setattr(analysis, "prepare_run_data", counting)
+    run = tmp_path / "run"
+    shutil.copytree(runs["lin"], run)
+    res = evaluate_run(run, data, report_dir=tmp_path / "rep")
+    assert res["report"]["n"] == runs["metrics"]["test"]["n"]  # the good test images, all
+    assert scans == [data]
+    rep = (tmp_path / "rep" / "report.html").read_text()
+    assert f"<td>{bad}</td>" in rep and "report section unavailable" not in rep
+
+    app = typer.Typer()
+    register(app)
+    res = CliRunner().invoke(
+        app,
+        ["compare", str(runs["lin"]), str(runs["mlp"]), "--data", str(data)]
+        + ["--out", str(tmp_path / "c")],
+    )
+    assert res.exit_code == 0, res.output
+    assert "McNemar" in res.output and "skipped 1 unusable image(s)" in res.output
+    cmp = json.loads((tmp_path / "c" / "compare.json").read_text())
+    assert [s["path"] for s in cmp["skipped"]] == [str(bad)]
+
+
+def test_best_rung_is_chosen_on_val_only(tmp_path):
+    from transferlab.evaluation.report import _best_rung_dir, best_rung
+
+    def rung(name, val=None, test=None, seeds=None):
+        r = {"name": name, "run_dir": str(tmp_path / name)}
+        if val is not None:
+            r["val"] = {"accuracy": val, "accuracy_ci95": [0, 1]}
+            if seeds is not None:
+                r["val"]["across_seeds"] = {"mean": seeds, "sd": 0.01}
+        if test is not None:
+            r["test"] = {"accuracy": test, "accuracy_ci95": [0, 1]}
+        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name / "model.json").write_text("{}")
+        return r
+
+    # test accuracy never decides, not even for a rung without val
+    lad = {"rungs": [rung("a", 0.8, 0.7), rung("b", 0.7, 0.99), rung("c", None, 1.0)]}
+    assert best_rung(lad)["name"] == "a"
+    assert _best_rung_dir(lad) == tmp_path / "a"  # the report details the same rung
+    # ties: the earlier rung in ladder order
+    lad = {"rungs": [rung("a", 0.8, 0.5), rung("b", 0.8, 0.9)]}
+    assert best_rung(lad)["name"] == "a" and _best_rung_dir(lad) == tmp_path / "a"
+    # several seeds: the mean over seeds, not the first seed's accuracy
+    lad = {"rungs": [rung("a", 0.9, seeds=0.7), rung("b", 0.8, seeds=0.75)]}
+    assert best_rung(lad)["name"] == "b"
+    # no val at all: no best rung; the report still details the first rung on disk
+    lad = {"rungs": [rung("a", None, 0.5), rung("b", None, 0.9)]}
+    assert best_rung(lad) is None and _best_rung_dir(lad) == tmp_path / "a"
+    # the best rung's folder is gone: the next best one on disk
+    lad = {"rungs": [rung("a", 0.9), rung("b", 0.8)]}
+    shutil.rmtree(tmp_path / "a")
+    assert best_rung(lad)["name"] == "a" and _best_rung_dir(lad) == tmp_path / "b"
+
+
+def test_corrupt_run_files_are_errors_naming_the_file(runs, tmp_path):
+    from transferlab.errors import TransferlabError
+    from transferlab.evaluation.report import load_ladder
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["mlp"], run)
+    clf = transferlab.load(run)
+    (run / "history.json").write_text('[{"epoch": 1,')
+    doc = build_report(run, classifier=clf, gradcam=0, thumbnails=0).read_text()
+    curves = doc.split('<section id="curves">')[1].split("</section>")[0]
+    assert "unavailable" in curves and "history.json: unreadable JSON" in curves
+    for sid in ("data", "metrics", "confusion", "calibration"):  # the rest is still there
+        section = doc.split(f'<section id="{sid}">')[1].split("</section>")[0]
+        assert "unavailable" not in section, sid
+    lad = tmp_path / "ladder"
+    lad.mkdir()
+    (lad / "ladder.json").write_text("{not json")
+    with pytest.raises(TransferlabError, match=r"ladder\.json: unreadable JSON"):
+        load_ladder(lad)
+    with pytest.raises(TransferlabError, match="no ladder.json"):
+        load_ladder(tmp_path / "empty")

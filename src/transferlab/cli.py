@@ -368,13 +368,13 @@ def explain(
     net = clf.net.eval()
     written = ex.save_explanations(
         net, arrays, images, clf.classes, pre.mean, pre.std, out,
-        target_class=target_class, target_layer=layer,
+        target_class=target_class, target_layer=layer, input_size=pre.input_size,
     )  # fmt: skip
     if maps:
         for path, arr in zip(images, arrays, strict=True):
             x = ex.normalize(arr, pre.mean, pre.std)
             stem = Path(path).stem
-            fm = ex.feature_maps(net, x)
+            fm = ex.feature_maps(net, x, input_size=pre.input_size)
             written.append(ex.plot_feature_maps(fm, out / f"{stem}_feature_maps.png"))
             vec = ex.bottleneck_vector(net, x)
             written.append(ex.plot_bottleneck(vec, out / f"{stem}_bottleneck.png"))

@@ -20,7 +20,16 @@ from transferlab.errors import TransferlabError
 
 __all__ = ["TTA_MODES", "evaluate_run", "register"]
 
-out_console = Console()  # stdout: results users pipe (progress and warnings go to stderr)
+# stdout: the results users read or pipe. Progress, info and warnings go to stderr
+# (transferlab.progress.console); nothing of this module prints anywhere else. Not cli.py's
+# out_console: cli.py imports this module, and the console is the same kind either way.
+out_console = Console(stderr=False)
+
+
+def _say(line: str) -> None:
+    """One result line on stdout, never wrapped (paths stay whole when piped) nor highlighted."""
+    out_console.print(line, soft_wrap=True, highlight=False)
+
 
 # --tta values: "flip" = image + mirror (2 views), "flip5crop" = 5 crops x mirror (10 views)
 TTA_MODES = ("none", "flip", "flip5crop")
@@ -74,8 +83,6 @@ def evaluate_run(
     temperature), "calibration", "tta", "report_path"}`` and prints one line per extra.
     """
     import transferlab
-    from transferlab.api import prepare_data
-    from transferlab.config import FitConfig
     from transferlab.evaluation import analysis
     from transferlab.evaluation.metrics import classification_report
 
@@ -84,11 +91,8 @@ def evaluate_run(
     if mode not in TTA_MODES:
         raise TransferlabError(f"--tta takes one of {', '.join(TTA_MODES)}; got {tta!r}")
     clf = transferlab.load(run)
-    prepared = prepare_data(data, FitConfig.from_dict(clf.saved.config))
-    if prepared.index.classes != clf.classes:
-        raise TransferlabError(
-            f"{data}: classes {prepared.index.classes} differ from the model's {clf.classes}"
-        )
+    # scanned once, as fit scans: unusable files are skipped here and in the report alike
+    prepared = analysis.prepare_run_data(data, clf.saved.config, clf.classes)
     if split not in prepared.splits:
         raise TransferlabError(
             f"{data}: no '{split}' split; available: {', '.join(prepared.splits)}"
@@ -117,7 +121,7 @@ def evaluate_run(
         result["calibration"] = cal
         t = cal["temperature"]
         c = cal[split] if split in cal else cal["val"]
-        out_console.print(
+        _say(
             f"temperature {t:.4f} (fitted on val, n={cal['n_val']}), stored in {run}/model.json; "
             f"{split} ECE {c['ece_before']:.4f} → {c['ece_after']:.4f}, "
             f"log loss {c['nll_before']:.4f} → {c['nll_after']:.4f}"
@@ -140,7 +144,7 @@ def evaluate_run(
         }
         record["tta"] = info
         result["tta"] = info
-        out_console.print(
+        _say(
             f"{split} accuracy plain {_fmt_acc(info['plain'])} | TTA {mode} ({info['views']} "
             f"views) {_fmt_acc(info['tta'])}"
         )
@@ -152,7 +156,13 @@ def evaluate_run(
     if report_dir is not None:
         from transferlab.evaluation.report import build_report
 
-        path = build_report(run, data=data, out=Path(report_dir) / "report.html", classifier=clf)
+        path = build_report(
+            run,
+            data=data,
+            out=Path(report_dir) / "report.html",
+            classifier=clf,
+            prepared=prepared,
+        )
         result["report_path"] = str(path)
     return result
 
@@ -186,7 +196,7 @@ def register(app: typer.Typer) -> None:
             top_k=top_k,
             suspects=suspects,
         )
-        out_console.print(f"wrote {path}")
+        _say(f"wrote {path}")
 
     @app.command()
     def compare(
@@ -220,7 +230,9 @@ def register(app: typer.Typer) -> None:
                     p["method"],
                 )
             out_console.print(t)
-        out_console.print(res["note"])
+        _say(res["note"])
+        if res["skipped"]:
+            _say(f"skipped {len(res['skipped'])} unusable image(s) of {data} (in compare.json)")
         if res["chart"]:
-            out_console.print(f"chart: {res['chart']}")
-        out_console.print(f"wrote {Path(out) / 'compare.json'}")
+            _say(f"chart: {res['chart']}")
+        _say(f"wrote {Path(out) / 'compare.json'}")

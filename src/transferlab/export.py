@@ -362,25 +362,23 @@ class _ImageSource:
     """Real images of the run's dataset (or ``data``), decoded with the model's preprocessing."""
 
     def __init__(self, clf: Classifier, run_dir: Path | None, data: Any) -> None:
+        from transferlab.evaluation.analysis import prepare_run_data, read_json
+
         self.clf = clf
         self.samples: dict[str, list[tuple[str, int]]] = {}
         self.origin = "none"
         index = None
         if data is not None:
-            from transferlab.config import FitConfig
-            from transferlab.data.discover import discover
-
-            cfg = FitConfig.from_dict(clf.saved.config) if clf.saved.config else FitConfig()
-            index = discover(
-                data,
-                label_regex=cfg.label_regex,
-                val_fraction=cfg.val_fraction,
-                test_fraction=cfg.test_fraction,
-                seed=cfg.seed,
-            )
+            # The run's splits on that folder, scanned as fit scans it: unusable files are
+            # reported and skipped, never fed to calibration or the accuracy check.
+            prepared = prepare_run_data(data, clf.saved.config, clf.classes)
+            for name, split in prepared.splits.items():
+                self.samples[name] = [
+                    (p, int(y)) for p, y in zip(split.paths, split.labels, strict=True)
+                ]
             self.origin = str(data)
         else:
-            summary = clf.data_summary or _read_json(run_dir / "data.json" if run_dir else None)
+            summary = clf.data_summary or (read_json(run_dir / "data.json") if run_dir else None)
             if summary and "index" in summary:
                 from transferlab.data.discover import DatasetIndex
 
@@ -430,15 +428,6 @@ class _ImageSource:
         step = max(1, len(pool) // max(1, n))
         images, _ = self.decode(pool[::step][:n])
         return images
-
-
-def _read_json(path: Path | None) -> dict[str, Any] | None:
-    if path is None or not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,9 +8,11 @@
   when the runs were scored on the same test images.
 
 Splits of a saved run are rebuilt from its ``data.json`` (no re-scan: the digests needed by the
-feature cache are re-hashed, which is I/O, not decoding) or from a dataset folder given
-explicitly; the frozen-body strategies then get their features from the cache, so everything
-here costs seconds.
+feature cache are re-hashed, which is I/O, not decoding) or, from a dataset folder given
+explicitly, by :func:`prepare_run_data`: discovered and decode-checked exactly as ``fit`` does,
+so unusable files are reported and skipped instead of failing the evaluation. The
+frozen-body strategies then get their features from the cache, so everything here costs
+seconds.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from transferlab.evaluation.metrics import (
 from transferlab.strategies import Split
 
 if TYPE_CHECKING:
-    from transferlab.api import Classifier
+    from transferlab.api import Classifier, PreparedData
 
 __all__ = [
     "PREDICTIONS_FILE",
@@ -48,6 +50,8 @@ __all__ = [
     "load_predictions",
     "most_confused",
     "out_of_fold_probs",
+    "prepare_run_data",
+    "read_json",
     "resolve_splits",
     "save_predictions",
     "split_features",
@@ -63,7 +67,54 @@ _EPS = 1e-15  # probability floor for -log p (a confident miss costs ~34.5, not 
 
 
 # --------------------------------------------------------------------------------------------
-# splits and predictions of a saved run
+# a run's files, splits and predictions
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """A run file's JSON content; None when the file does not exist.
+
+    The one policy for every run file (``model.json``, ``metrics.json``, ``data.json``,
+    ``ladder.json``, ...): absent is normal (an older or partial run), but a file that is there
+    and cannot be read or parsed is an error, and it names the file, never a silent None.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise TransferlabError(f"{path}: unreadable ({e})") from e
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TransferlabError(f"{path}: unreadable JSON ({e})") from e
+
+
+def prepare_run_data(
+    data: str | os.PathLike[str],
+    config: Mapping[str, Any] | None = None,
+    classes: Sequence[str] | None = None,
+) -> PreparedData:
+    """A run's splits on a dataset folder given explicitly, built exactly as ``fit`` builds them.
+
+    The one way evaluation code (``compare --data``, ``report --data``, ``evaluate``, export)
+    turns a folder into splits: :func:`transferlab.api.prepare_data` with the run's
+    configuration (``config``: ``SavedModel.config``, the ``FitConfig`` as a dict; its seed,
+    fractions and label regex give the same split), which reads every file once: unusable
+    images are reported, skipped and listed in ``.skipped`` (with the run's ``strict`` they fail
+    it, as at fit time), and every split carries content digests for the feature cache.
+    ``classes``: the model's; the folder's must be the same, in the same order.
+    """
+    from transferlab.api import prepare_data
+    from transferlab.config import FitConfig
+
+    cfg = FitConfig.from_dict(dict(config)) if config else FitConfig()
+    prepared = prepare_data(data, cfg)
+    if classes is not None and list(prepared.index.classes) != list(classes):
+        raise TransferlabError(
+            f"{data}: classes {prepared.index.classes} differ from the model's {list(classes)}"
+        )
+    return prepared
 
 
 def resolve_splits(
@@ -74,46 +125,45 @@ def resolve_splits(
     classes: Sequence[str] | None = None,
     config: Mapping[str, Any] | None = None,
     digests: bool = True,
+    prepared: PreparedData | None = None,
 ) -> dict[str, Split]:
     """A run's splits as :class:`Split` objects (paths, labels, content digests).
 
     ``source`` is a run folder or a data summary (``Classifier.data_summary``, the content of
     ``data.json``). Without ``data`` the splits are the exact images the run saw, minus the
-    ones it skipped; with ``data`` the folder is discovered again with the run's seed and
-    fractions (``config``; default: the run folder's ``model.json``), without the full decode
-    scan. Splits with no images are left out; a missing file raises :class:`TransferlabError`.
-    ``digests=False`` skips hashing (digests are then empty strings: fine for showing images,
-    not for the feature cache).
+    ones it skipped; a missing file raises :class:`TransferlabError`. With ``data`` the folder
+    goes through :func:`prepare_run_data` with the run's configuration (``config``; default:
+    the run folder's ``model.json``): unusable files are skipped as at fit time. ``prepared``:
+    that result already computed (one scan serves several calls). Splits with no images are
+    left out. ``digests=False`` skips hashing of the recorded images (digests are then empty
+    strings: fine for showing images, not for the feature cache).
     """
-    from transferlab.data.discover import DatasetIndex, discover
+    from transferlab.data.discover import DatasetIndex
 
     run = None if isinstance(source, Mapping) else Path(source)
-    skipped: set[str] = set()
-    if data is None:
-        summary = source if run is None else _read_json(run / "data.json")
-        if not summary or "index" not in summary:
-            raise TransferlabError(
-                f"{run or 'this model'}: no data summary (data.json) to find the run's images "
-                "in; pass the dataset folder"
-            )
-        index = DatasetIndex.from_dict(summary["index"])
-        skipped = {s["path"] for s in summary.get("skipped", [])}
-    else:
+    if prepared is None and data is not None:
         if config is None and run is not None:
-            config = (_read_json(run / "model.json") or {}).get("config")
-        cfg = dict(config or {})
-        index = discover(
-            data,
-            label_regex=cfg.get("label_regex"),
-            val_fraction=cfg.get("val_fraction", 0.2),
-            test_fraction=cfg.get("test_fraction", 0.2),
-            seed=cfg.get("seed", 42),
+            config = (read_json(run / "model.json") or {}).get("config")
+        prepared = prepare_run_data(data, config, classes)
+    if prepared is not None:
+        if classes is not None and list(prepared.index.classes) != list(classes):
+            raise TransferlabError(
+                f"{prepared.index.root}: classes {prepared.index.classes} differ from the "
+                f"model's {list(classes)}"
+            )
+        return {name: prepared.splits[name] for name in names if name in prepared.splits}
+
+    summary = source if run is None else read_json(run / "data.json")
+    if not summary or "index" not in summary:
+        raise TransferlabError(
+            f"{run or 'this model'}: no data summary (data.json) to find the run's images "
+            "in; pass the dataset folder"
         )
+    index = DatasetIndex.from_dict(summary["index"])
+    skipped = {s["path"] for s in summary.get("skipped", [])}
     classes = list(classes) if classes is not None else list(index.classes)
     if list(index.classes) != classes:
-        raise TransferlabError(
-            f"{data or run}: classes {index.classes} differ from the model's {classes}"
-        )
+        raise TransferlabError(f"{run}: classes {index.classes} differ from the model's {classes}")
     out: dict[str, Split] = {}
     for name in names:
         samples = [s for s in index.split(name) if s.path not in skipped]
@@ -496,15 +546,6 @@ def calibrate(
 # comparing runs
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TransferlabError(f"{path}: unreadable JSON ({e})") from e
-
-
 def _run_names(run_dirs: Sequence[Path]) -> list[str]:
     names = [p.name or str(p) for p in run_dirs]
     # two runs called "latest" in different folders: fall back to parent/name
@@ -512,6 +553,21 @@ def _run_names(run_dirs: Sequence[Path]) -> list[str]:
         f"{p.parent.name}/{p.name}" if names.count(n) > 1 else n
         for p, n in zip(run_dirs, names, strict=True)
     ]
+
+
+def _split_recipe(config: Mapping[str, Any] | None) -> tuple[Any, ...]:
+    """What decides a run's splits and skipped files on a folder: runs that agree share a scan."""
+    from transferlab.config import FitConfig
+
+    cfg = FitConfig.from_dict(dict(config)) if config else FitConfig()
+    return (
+        cfg.label_regex,
+        cfg.val_fraction,
+        cfg.test_fraction,
+        cfg.seed,
+        cfg.max_pixels,
+        cfg.strict,
+    )
 
 
 def _summary(m: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -537,9 +593,11 @@ def compare_runs(
     images: it is taken from ``data`` (each run scored on it) or from the runs'
     ``predictions.csv`` (written by their reports); runs are compared only when their test
     image sets are identical, which is what makes the test paired (and far more sensitive than
-    comparing two overlapping CIs). With ``out``, ``compare.json`` and ``compare.png`` are
-    written there. Returns ``{"runs": [...], "shared_test": bool, "mcnemar": [...],
-    "note": str, "chart": path | None}``.
+    comparing two overlapping CIs). ``data`` is scanned as ``fit`` scans it
+    (:func:`prepare_run_data`): unusable files are skipped and listed (``"skipped"``, and per
+    run). With ``out``, ``compare.json`` and ``compare.png`` are written there. Returns
+    ``{"runs": [...], "shared_test": bool, "mcnemar": [...], "note": str,
+    "chart": path | None, "skipped": [{"path", "reason"}, ...]}``.
     """
     from transferlab.evaluation.metrics import classification_report
 
@@ -552,9 +610,11 @@ def compare_runs(
     names = _run_names(dirs)
     runs: list[dict[str, Any]] = []
     correct: dict[str, dict[str, bool]] = {}  # run name -> {test path: correct}
+    scanned: dict[tuple[Any, ...], PreparedData] = {}  # one scan per distinct split recipe
+    skipped: dict[str, str] = {}  # path -> reason, over every scan
     for d, name in zip(dirs, names, strict=True):
-        model = _read_json(d / "model.json")
-        metrics = _read_json(d / "metrics.json") or {}
+        model = read_json(d / "model.json")
+        metrics = read_json(d / "metrics.json") or {}
         row: dict[str, Any] = {
             "name": name,
             "run_dir": str(d),
@@ -567,10 +627,16 @@ def compare_runs(
             import transferlab
 
             clf = transferlab.load(d)
-            splits = resolve_splits(d, ("test",), data=data, classes=clf.classes)
+            key = _split_recipe(clf.saved.config)
+            if key not in scanned:
+                scanned[key] = prepare_run_data(data, clf.saved.config)
+            prepared = scanned[key]
+            splits = resolve_splits(d, ("test",), classes=clf.classes, prepared=prepared)
             if "test" not in splits:
                 raise TransferlabError(f"{data}: no test split to compare the runs on")
             s = splits["test"]
+            row["skipped"] = [{"path": p, "reason": r} for p, r in prepared.skipped]
+            skipped.update(prepared.skipped)
             probs = _softmax(split_logits(clf, s), clf.saved.temperature)
             row["test"] = _summary(classification_report(s.labels, probs, clf.classes))
             row["test_source"] = str(data)
@@ -623,6 +689,8 @@ def compare_runs(
         "mcnemar": pairs,
         "note": note,
         "chart": None,
+        # unusable files of ``data``, left out of every score (as fit leaves them out)
+        "skipped": [{"path": p, "reason": r} for p, r in skipped.items()],
     }
     if out is not None:
         from transferlab.evaluation.plots import plot_compare

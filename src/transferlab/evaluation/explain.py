@@ -181,7 +181,14 @@ def _trace(model: nn.Module, input_size: tuple[int, int]) -> list[_Record]:
                 handles.append(module.register_forward_hook(make_hook(name)))
         x = torch.zeros(1, 3, *input_size, device=device, dtype=dtype)
         with _eval_mode(model), torch.no_grad():
-            model(x)
+            try:
+                model(x)
+            except RuntimeError as e:  # e.g. Flatten + Linear sized for another resolution
+                h, w = input_size
+                raise TransferlabError(
+                    f"{type(model).__name__} does not take a {h}x{w} input ({e}); pass the "
+                    "model's own input size (SavedModel.preprocess.input_size) as input_size"
+                ) from e
     finally:
         for h in handles:
             h.remove()
@@ -226,7 +233,9 @@ def find_target_layer(
     """The last conv stage: the last module with a 4-D (n, C, h, w) output before global pooling.
 
     Found by tracing one dummy forward pass (``input_size``; default the model's pretrained
-    input size, else 224x224) rather than trusting ``feature_info[-1]``: for MobileNet and
+    input size, else 224x224; a model that only takes one size, such as the scratch CNNs with
+    Flatten + Dense, needs its own: ``SavedModel.preprocess.input_size``) rather than trusting
+    ``feature_info[-1]``: for MobileNet and
     EfficientNet that entry is ``blocks.6``, which skips the final 1x1 ``conv_head`` the
     classifier actually reads. When several modules return the very same tensor (a stage, its
     last block, the block's activation) the timm ``feature_info`` name is preferred, else the
@@ -310,12 +319,25 @@ def _resolve_classes(
     return classes.to(logits.device)
 
 
+def _check_input_size(height: int, width: int, input_size: Sequence[int] | None) -> None:
+    """Images must be the size the model was trained at, when that is known."""
+    if input_size is None:
+        return
+    h, w = (int(v) for v in input_size)
+    if (height, width) != (h, w):
+        raise TransferlabError(
+            f"the images are {height}x{width} but the model takes {h}x{w}; load them with the "
+            "run's preprocessing (transferlab.data.images.load_image(path, saved.preprocess))"
+        )
+
+
 def _cam_impl(
     model: nn.Module,
     images: torch.Tensor,
     target_class: int | Sequence[int] | np.ndarray | torch.Tensor | None,
     target_layer: LayerSpec,
     method: CamMethod,
+    input_size: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
     """(cams, classes, logits); logits are returned so callers need no second forward pass."""
     if method not in ("gradcam", "hirescam"):
@@ -325,6 +347,8 @@ def _cam_impl(
             "images must be a normalized float tensor (n, 3, H, W); use normalize() on uint8 images"
         )
     n, _, height, width = images.shape
+    _check_input_size(height, width, input_size)
+    # any layer search traces at the images' own size: the size the model is about to get
     name, layer = _resolve_layer(model, target_layer, (height, width))
     device, dtype = _model_device_dtype(model)
     captured: list[torch.Tensor] = []
@@ -401,6 +425,7 @@ def grad_cam(
     target_class: int | Sequence[int] | None = None,
     target_layer: str | nn.Module | None = None,
     method: CamMethod = "gradcam",
+    input_size: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Grad-CAM heatmaps for normalized images (n, 3, H, W).
 
@@ -409,12 +434,14 @@ def grad_cam(
     and the class explained for each image (the predicted class when ``target_class`` is None).
     ``target_layer`` is a module name (``model.get_submodule``), a module, or None for
     :func:`find_target_layer`. ``method="hirescam"`` multiplies gradients and activations per
-    position instead of averaging gradients per channel.
+    position instead of averaging gradients per channel. ``input_size`` (H, W): the size the
+    model was trained at (``SavedModel.preprocess.input_size``); images of another size are
+    refused with a clear error instead of failing inside the model.
 
     The model is run in eval mode and left exactly as found (train/eval flags, requires_grad,
     no hooks, no parameter ``.grad``), also when an error is raised.
     """
-    cams, classes, _ = _cam_impl(model, images, target_class, target_layer, method)
+    cams, classes, _ = _cam_impl(model, images, target_class, target_layer, method, input_size)
     return cams, classes
 
 
@@ -446,12 +473,15 @@ def save_explanations(
     target_class: int | str | Sequence[int] | None = None,
     target_layer: str | nn.Module | None = None,
     batch_size: int = 16,
+    input_size: Sequence[int] | None = None,
 ) -> list[Path]:
     """One PNG per image (``<stem>_gradcam.png``): original | Grad-CAM overlay.
 
     The title gives the predicted class and its softmax probability, and, when
     ``target_class`` is given (index or class name), the explained class and its probability.
     Images are (3, H, W) uint8, already resized/cropped; ``paths`` only name the outputs.
+    ``input_size``: the model's (``SavedModel.preprocess.input_size``), checked against the
+    images' size, as in :func:`grad_cam`.
     """
     arr = _as_uint8_batch(images_uint8)
     if len(paths) != len(arr):
@@ -476,7 +506,7 @@ def save_explanations(
         if isinstance(tc, list):
             tc = tc[start : start + batch_size]
         cams, used, logits = _cam_impl(
-            model, normalize(chunk, mean, std), tc, target_layer, "gradcam"
+            model, normalize(chunk, mean, std), tc, target_layer, "gradcam", input_size
         )
         if logits.shape[1] != len(classes):
             raise TransferlabError(
@@ -595,15 +625,21 @@ def default_feature_stages(model: nn.Module) -> list[str]:
 
 
 def feature_maps(
-    model: nn.Module, image: torch.Tensor, *, stages: Sequence[str] | None = None
+    model: nn.Module,
+    image: torch.Tensor,
+    *,
+    stages: Sequence[str] | None = None,
+    input_size: Sequence[int] | None = None,
 ) -> dict[str, np.ndarray]:
     """Activations (C, h, w) of one normalized image (1, 3, H, W) at the given stage names.
 
-    Default stages: :func:`default_feature_stages` (early -> middle -> late). Keys keep the
-    order of ``stages``.
+    Default stages: :func:`default_feature_stages` (early -> middle -> late; found from the
+    module tree, no forward pass). Keys keep the order of ``stages``. ``input_size``: the
+    model's (``SavedModel.preprocess.input_size``), checked against the image's size.
     """
     if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[0] != 1:
         raise TransferlabError("feature_maps takes one normalized image tensor (1, 3, H, W)")
+    _check_input_size(int(image.shape[2]), int(image.shape[3]), input_size)
     names = list(stages) if stages is not None else default_feature_stages(model)
     modules = {}
     for name in names:

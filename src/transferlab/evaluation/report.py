@@ -16,7 +16,6 @@ import base64
 import datetime as _dt
 import html
 import io
-import json
 import os
 import time
 import traceback
@@ -34,10 +33,10 @@ from transferlab.progress import info
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from transferlab.api import Classifier
+    from transferlab.api import Classifier, PreparedData
     from transferlab.strategies import Split
 
-__all__ = ["REPORT_FILE", "build_report", "load_ladder"]
+__all__ = ["REPORT_FILE", "best_rung", "build_report", "load_ladder"]
 
 REPORT_FILE = "report.html"
 LADDER_FILE = "ladder.json"
@@ -145,13 +144,6 @@ def _softmax(logits: np.ndarray, t: float = 1.0) -> np.ndarray:
 # the run's files
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-
-
 def load_ladder(ladder: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, Any]:
     """A ladder description: the dict itself, a ``ladder.json`` path or its folder."""
     if isinstance(ladder, Mapping):
@@ -159,25 +151,49 @@ def load_ladder(ladder: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str,
     else:
         p = Path(ladder)
         p = p / LADDER_FILE if p.is_dir() else p
-        d = _read_json(p)
-        if d is None:
-            raise TransferlabError(f"{p}: no readable {LADDER_FILE}")
+        d = analysis.read_json(p)
+        if not isinstance(d, dict):
+            raise TransferlabError(f"{p}: no {LADDER_FILE}" if d is None else f"{p}: not a ladder")
         d.setdefault("_dir", str(p.parent))
     if not isinstance(d.get("rungs"), list):
         raise TransferlabError("a ladder needs a 'rungs' list")
     return d
 
 
-def _best_rung_dir(ladder: Mapping[str, Any]) -> Path | None:
-    def score(r: Mapping[str, Any]) -> float:
-        m = r.get("val") or r.get("test") or {}
-        return float(m.get("accuracy", -1.0))
+def _val_accuracy(rung: Mapping[str, Any]) -> float | None:
+    """A rung's val accuracy: the mean over seeds when it ran several, else its one run's."""
+    m = rung.get("val") or {}
+    seeds = m.get("across_seeds") or {}
+    v = seeds.get("mean", m.get("accuracy"))
+    return None if v is None else float(v)
 
-    rungs = [r for r in ladder["rungs"] if r.get("run_dir")]
-    for r in sorted(rungs, key=score, reverse=True):
-        p = _rung_path(ladder, r["run_dir"])
-        if (p / "model.json").is_file():
-            return p
+
+def _by_val(ladder: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Rungs with a val accuracy, best first; equal ones keep the ladder's order."""
+    scored = [(acc, r) for r in ladder["rungs"] if (acc := _val_accuracy(r)) is not None]
+    return [r for _, r in sorted(scored, key=lambda t: -t[0])]  # sorted() is stable
+
+
+def best_rung(ladder: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The ladder's best rung: highest val accuracy (the mean over seeds when a rung ran
+    several), the earlier rung on a tie; None when no rung has a val accuracy.
+
+    Chosen on val only, never on test: picking the winner by its test score would make that
+    score optimistic, and the test split is what reports the chosen rung honestly. The report
+    details this rung, and the CLI names it, by this one rule.
+    """
+    ranked = _by_val(ladder)
+    return ranked[0] if ranked else None
+
+
+def _best_rung_dir(ladder: Mapping[str, Any]) -> Path | None:
+    """The folder of the best rung (:func:`best_rung`) still on disk; without val accuracies,
+    the first rung on disk in ladder order."""
+    for r in [*_by_val(ladder), *ladder["rungs"]]:
+        if r.get("run_dir"):
+            p = _rung_path(ladder, r["run_dir"])
+            if (p / "model.json").is_file():
+                return p
     return None
 
 
@@ -219,31 +235,82 @@ class _Context:
     """Everything sections share, loaded once (lazily where it costs something)."""
 
     def __init__(
-        self, run: Path, data: str | os.PathLike[str] | None, clf: Classifier | None = None
+        self,
+        run: Path,
+        data: str | os.PathLike[str] | None,
+        clf: Classifier | None = None,
+        prepared: PreparedData | None = None,
     ) -> None:
         import transferlab
 
         self.run = run
         self.data = data
         self.clf: Classifier = clf if clf is not None else transferlab.load(run)
-        self.metrics = _read_json(run / "metrics.json") or {}
-        self.history = _read_json(run / "history.json") or []
-        self.summary = _read_json(run / "data.json") or {}
+        self._files: dict[str, Any] = {}
+        self._prepared = prepared if data is not None else None
+        self._prepared_error: str | None = None
         self._splits: dict[str, Split] | None = None
         self._split_error: str | None = None
         self.logits: dict[str, np.ndarray] = {}
+
+    def _json(self, name: str, default: Any) -> Any:
+        """A run file, read once; a corrupt one fails the sections that need it, not the
+        whole report."""
+        if name not in self._files:
+            try:
+                self._files[name] = analysis.read_json(self.run / name)
+            except TransferlabError as e:
+                self._files[name] = e
+        got = self._files[name]
+        if isinstance(got, TransferlabError):
+            raise got
+        return default if got is None else got
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self._json("metrics.json", {})
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self._json("history.json", [])
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return self._json("data.json", {})
 
     @property
     def classes(self) -> list[str]:
         return self.clf.classes
 
+    def prepared(self) -> PreparedData | None:
+        """The dataset given with ``data``, scanned once for the whole report as ``fit`` scans
+        (unusable files skipped); None when the report uses the run's recorded images."""
+        if self.data is None:
+            return None
+        if self._prepared is None and self._prepared_error is None:
+            try:
+                self._prepared = analysis.prepare_run_data(
+                    self.data, self.clf.saved.config, self.classes
+                )
+            except TransferlabError as e:
+                self._prepared_error = str(e)
+        if self._prepared is None:
+            raise TransferlabError(str(self._prepared_error))
+        return self._prepared
+
+    def resolve(self, names: Sequence[str], *, digests: bool = True) -> dict[str, Split]:
+        """Splits of the given ``data`` (the one scan) or of the run's own ``data.json``."""
+        if self.data is not None:
+            return analysis.resolve_splits(
+                self.run, names, classes=self.classes, prepared=self.prepared()
+            )
+        return analysis.resolve_splits(self.run, names, classes=self.classes, digests=digests)
+
     def splits(self) -> dict[str, Split]:
         """val/test with digests (for the feature cache); raises if the images are gone."""
         if self._splits is None and self._split_error is None:
             try:
-                self._splits = analysis.resolve_splits(
-                    self.run, ("val", "test"), data=self.data, classes=self.classes
-                )
+                self._splits = self.resolve(("val", "test"))
             except TransferlabError as e:
                 self._split_error = str(e)
         if self._splits is None:
@@ -280,12 +347,13 @@ def build_report(
     suspects: bool | None = None,
     write_predictions: bool = True,
     classifier: Classifier | None = None,
+    prepared: PreparedData | None = None,
 ) -> Path:
     """Write a self-contained HTML report for a run folder and return its path.
 
     ``run_dir`` is a ``fit`` run folder, or a ladder folder holding ``ladder.json`` (its best
-    rung by val accuracy is then detailed). ``data`` re-locates the dataset when it moved
-    (default: the paths in the run's ``data.json``). ``out`` defaults to
+    rung by val accuracy, :func:`best_rung`, is then detailed). ``data`` re-locates the
+    dataset when it moved (default: the paths in the run's ``data.json``). ``out`` defaults to
     ``run_dir/report.html``. ``ladder`` (a ``ladder.json`` path/folder or its dict) adds the
     comparison chart, table and McNemar tests against the best rung. ``gradcam`` / ``top_k`` /
     ``thumbnails`` size the galleries; ``suspects`` lists training images whose label an
@@ -293,7 +361,9 @@ def build_report(
     whose training features are cached). With ``write_predictions`` the per-image val/test
     predictions go to ``run_dir/predictions.csv`` (used by ``compare_runs``). ``classifier``:
     the run's model already in memory (``fit`` passes its own: saves reloading the body and
-    reuses its feature runtime).
+    reuses its feature runtime). ``data`` is scanned as ``fit`` scans (unusable files are
+    skipped and listed in the Dataset section); ``prepared``: that scan when the caller already
+    has it (:func:`transferlab.evaluation.analysis.prepare_run_data` of ``data``).
     Prints the build time and size.
     """
     t0 = time.perf_counter()
@@ -311,7 +381,7 @@ def build_report(
         run = best
         classifier = None  # the caller's model belongs to the folder it gave, not this rung
     out_path = Path(out) if out is not None else run / REPORT_FILE
-    ctx = _Context(run, data, classifier)
+    ctx = _Context(run, data, classifier, prepared)
     rep = _Report()
 
     if lad is not None:
@@ -332,7 +402,10 @@ def build_report(
             "gradcam", "Grad-CAM: where the model looks", lambda: _gradcam_section(ctx, gradcam)
         )
 
-    recorded = (ctx.summary.get("index") or {}).get("root")
+    try:
+        recorded = (ctx.summary.get("index") or {}).get("root")
+    except TransferlabError:  # data.json is corrupt: the Dataset section says so
+        recorded = None
     same_data = data is None or (
         recorded is not None and Path(data).resolve() == Path(recorded).resolve()
     )
@@ -368,10 +441,14 @@ def _document(ctx: _Context, rep: _Report, lad: Mapping[str, Any] | None, second
     title = f"transferlab report: {ctx.run.name}"
     if lad is not None and lad.get("_dir"):
         title = f"transferlab ladder: {Path(lad['_dir']).name} (detailed: {ctx.run.name})"
-    test = ctx.metrics.get("test") or ctx.metrics.get("val")
+    try:
+        metrics = ctx.metrics
+    except TransferlabError:  # corrupt metrics.json: the Metrics section says so
+        metrics = {}
+    test = metrics.get("test") or metrics.get("val")
     headline = ""
     if test:
-        which = "test" if "test" in ctx.metrics else "val"
+        which = "test" if "test" in metrics else "val"
         lo, hi = test["accuracy_ci95"]
         headline = (
             f"{which} accuracy {_pct(test['accuracy'])} (95% CI {_pct(lo)} – {_pct(hi)}, "
@@ -438,16 +515,7 @@ def _data_section(ctx: _Context, n_thumbs: int) -> str:
     ]
     for problem in idx.get("problems", []):
         parts.append(f'<p class="note">{_e(problem)}</p>')
-    skipped = s.get("skipped") or []
-    parts.append(f"<h3>Skipped files ({len(skipped)})</h3>")
-    if skipped:
-        parts.append(
-            _table(["file", "reason"], [(_e(x["path"]), _e(x["reason"])) for x in skipped[:100]])
-        )
-        if len(skipped) > 100:
-            parts.append(f"<p class=muted>… and {len(skipped) - 100} more</p>")
-    else:
-        parts.append("<p class=ok>None: every file decoded.</p>")
+    parts.append(_skipped_table("Skipped files", s.get("skipped") or []))
     dups = s.get("cross_split_duplicates") or []
     parts.append(f"<h3>Same image in two splits ({len(dups)})</h3>")
     if dups:
@@ -458,15 +526,44 @@ def _data_section(ctx: _Context, n_thumbs: int) -> str:
         parts.append(_table(["file", "same content as"], [(_e(a), _e(b)) for a, b in dups[:100]]))
     else:
         parts.append("<p class=ok>None found (content hashes differ across splits).</p>")
+    if ctx.data is not None:
+        parts.append(_given_data(ctx))
     if n_thumbs > 0:
         parts.append(_thumbnail_grid(ctx, n_thumbs))
     return "".join(parts)
 
 
+def _skipped_table(title: str, skipped: Sequence[Mapping[str, str]]) -> str:
+    parts = [f"<h3>{_e(title)} ({len(skipped)})</h3>"]
+    if skipped:
+        parts.append(
+            _table(["file", "reason"], [(_e(x["path"]), _e(x["reason"])) for x in skipped[:100]])
+        )
+        if len(skipped) > 100:
+            parts.append(f"<p class=muted>… and {len(skipped) - 100} more</p>")
+    else:
+        parts.append("<p class=ok>None: every file decoded.</p>")
+    return "".join(parts)
+
+
+def _given_data(ctx: _Context) -> str:
+    """The folder given with ``data``: what the sections below scored, and what was skipped."""
+    prepared = ctx.prepared()
+    if prepared is None:
+        return ""
+    counts = {n: len(sp) for n, sp in prepared.splits.items()}
+    text = ", ".join(f"{n} {k}" for n, k in counts.items())
+    return (
+        f"<h3>Evaluated on <code>{_e(prepared.index.root)}</code></h3>"
+        f"<p>The images below (calibration, galleries, Grad-CAM) come from this folder, split "
+        f"with the run's seed and fractions: {_e(text)} images. Metrics and the confusion "
+        "matrix are the run's own, recorded at fit time.</p>"
+        + _skipped_table(f"Skipped files in {prepared.index.root}", prepared.summary()["skipped"])
+    )
+
+
 def _thumbnail_grid(ctx: _Context, n: int) -> str:
-    sp = analysis.resolve_splits(
-        ctx.run, ("train",), data=ctx.data, classes=ctx.classes, digests=False
-    ).get("train")
+    sp = ctx.resolve(("train",), digests=False).get("train")
     if sp is None:
         return ""
     rng = np.random.default_rng(0)  # the same samples every time the report is rebuilt
@@ -746,9 +843,7 @@ def _top_losses_section(ctx: _Context, k: int) -> str:
 
 
 def _suspects(ctx: _Context, k: int) -> str:
-    train = analysis.resolve_splits(ctx.run, ("train",), data=ctx.data, classes=ctx.classes).get(
-        "train"
-    )
+    train = ctx.resolve(("train",)).get("train")
     if train is None:
         raise TransferlabError("no training split")
     probs = analysis.train_out_of_fold_probs(ctx.clf, train, folds=5, seed=0)
@@ -781,15 +876,13 @@ def _gradcam_section(ctx: _Context, n: int) -> str:
         return "<p class=muted>No images to explain.</p>"
     saved = ctx.clf.saved
     pre = saved.preprocess
+    size = (int(pre.input_size[0]), int(pre.input_size[1]))
     images = np.stack([load_image(split.paths[i], pre) for i in chosen])
-    # The layer choice traces one forward pass; at 64 px it finds the same module (the last
-    # spatial stage) as at full size, in a fraction of the time.
-    try:
-        layer, _ = explain.find_target_layer(saved.net, (64, 64))
-    except TransferlabError:  # a small scratch CNN may pool 64 px away: trace at full size
-        layer, _ = explain.find_target_layer(saved.net, tuple(pre.input_size))
+    # The layer choice traces one dummy forward pass: at the model's own input size, the only
+    # one a fixed-size model (the scratch CNNs: Flatten + Dense) can take.
+    layer, _ = explain.find_target_layer(saved.net, size)
     x = explain.normalize(images, pre.mean, pre.std)
-    cams, used = explain.grad_cam(saved.net, x, target_layer=layer)
+    cams, used = explain.grad_cam(saved.net, x, target_layer=layer, input_size=size)
     figs = []
     for j, i in enumerate(chosen):
         overlay = explain.overlay_cam(images[j], cams[j])
@@ -809,9 +902,9 @@ def _gradcam_section(ctx: _Context, n: int) -> str:
             f"<figcaption>{cap}</figcaption></figure>"
         )
     return (
-        f"<p>Image | Grad-CAM of the predicted class on the last convolutional stage (red = "
-        f"most evidence), for the {len(wrong)} worst mistakes and the "
-        f"{len(chosen) - len(wrong)} most confident correct {name} images. A model that is "
+        f"<p>Image | Grad-CAM of the predicted class on the last convolutional stage "
+        f"(<code>{_e(layer)}</code>; red = most evidence), for the {len(wrong)} worst mistakes "
+        f"and the {len(chosen) - len(wrong)} most confident correct {name} images. A model that is "
         "right for the wrong reason looks at the background.</p>"
         f"<div class=gallery>{''.join(figs)}</div>"
     )
