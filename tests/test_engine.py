@@ -9,6 +9,7 @@ are imported by test_resume.py and test_ddp.py.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -263,6 +264,19 @@ def test_early_stopping_and_max_time(data, tmp_path):
         monitor="val_acc",
     )
     assert (res.epochs, res.best_epoch, res.stop_reason) == (3, 1, "early_stop")
+    res = train(  # a grace period: early stopping never stops the run before min_epochs
+        tiny_net(),
+        tr,
+        va,
+        preprocess=PRE,
+        config=tiny_config(patience=2),
+        out=tmp_path / "grace",
+        stages=[Stage("h", 6, "head", lr=1e-9)],
+        augment="none",
+        monitor="val_acc",
+        min_epochs=5,
+    )
+    assert (res.epochs, res.best_epoch, res.stop_reason) == (5, 1, "early_stop")
     res = train(
         tiny_net(),
         tr,
@@ -374,6 +388,60 @@ def test_resume_restores_stage_and_matches_uninterrupted(data, tmp_path, monkeyp
     assert resumed.best_epoch == full.best_epoch
 
 
+def _one_epoch(tr, va, out, net=None, **cfg):
+    return train(
+        net or tiny_net(3),
+        tr,
+        va,
+        preprocess=PRE,
+        config=tiny_config(**cfg),
+        out=out,
+        stages=[Stage("head", 1, "head", lr=1e-2)],
+        augment="light",
+    )
+
+
+def test_resume_refuses_changed_options_and_data(data, tmp_path):
+    tr, va = data
+    _one_epoch(tr, va, tmp_path)
+    net = tiny_net(9)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    tail = ": resume with the same options, or start a new --out"
+    with pytest.raises(TransferlabError, match="--optimizer was adamw, now sgd" + tail):
+        _one_epoch(tr, va, tmp_path, net=net, resume=True, optimizer="sgd")
+    assert state_equal(before, net.state_dict())  # refused before anything was loaded
+    with pytest.raises(TransferlabError) as err:
+        _one_epoch(tr, va, tmp_path, resume=True, batch_size=4, seed=1, schedule="constant")
+    msg = str(err.value)
+    assert "last.ckpt" in msg and msg.endswith(tail[2:])
+    for change in ("--seed was 0, now 1", "--batch-size was 8, now 4", "--schedule was cosine"):
+        assert change in msg
+    with pytest.raises(TransferlabError, match="--augment was unset, now strong"):
+        _one_epoch(tr, va, tmp_path, resume=True, augment="strong")
+    other = make_split(tmp_path / "other", "train", 24, seed=7)  # same names, other pixels
+    with pytest.raises(TransferlabError, match=r"the training images differ \(24 then, 24 now"):
+        _one_epoch(other, va, tmp_path, resume=True)
+    with pytest.raises(TransferlabError, match=r"the validation images differ \(11 then, 5 now"):
+        _one_epoch(tr, make_split(tmp_path / "v", "val", 5), tmp_path, resume=True)
+    with pytest.raises(TransferlabError, match="the strategy's monitor was val_loss, now val_acc"):
+        train(
+            tiny_net(3),
+            tr,
+            va,
+            preprocess=PRE,
+            config=tiny_config(resume=True),
+            out=tmp_path,
+            stages=[Stage("head", 1, "head", lr=1e-2)],
+            augment="light",
+            monitor="val_acc",
+        )
+    # where and how fast it runs may change: workers, time budget, runtime, cache
+    res = _one_epoch(
+        tr, va, tmp_path, resume=True, workers=1, max_time=1e6, engine="torch", cache_dir="x"
+    )
+    assert res.epochs == 1 and res.stop_reason == "completed"
+
+
 def test_resume_refuses_other_stages(data, tmp_path):
     tr, va = data
     _two_stage_run(tr, va, tmp_path)
@@ -386,6 +454,102 @@ def test_resume_refuses_other_stages(data, tmp_path):
             config=tiny_config(resume=True),
             out=tmp_path,
             stages=[Stage("other", 1, "all")],
+            augment="light",
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# reproducibility: augmentation draws per item, whatever the number of DataLoader workers
+
+
+def test_augmented_items_depend_only_on_seed_epoch_and_index(data):
+    from torch.utils.data import DataLoader
+
+    from transferlab.data.dataset import ImageDataset, collate
+
+    tr, _ = data
+    n = 6
+    ds = ImageDataset(
+        tr.paths[:n], tr.labels[:n], build_transform("strong", PRE, train=True), seed=5
+    )
+
+    def two_epochs(workers: int) -> list[torch.Tensor]:
+        loader = DataLoader(
+            ds,
+            batch_size=4,
+            num_workers=workers,
+            collate_fn=collate,
+            persistent_workers=workers > 0,
+        )
+        views = []
+        for epoch in (0, 1):
+            ds.set_epoch(epoch)
+            views.append(torch.cat([x for x, _ in loader]))
+        return views
+
+    ds.set_epoch(1)
+    rng = torch.get_rng_state()
+    items = torch.stack([ds[i][0] for i in range(n)])
+    assert torch.equal(rng, torch.get_rng_state())  # private streams: global RNG untouched
+    direct = two_epochs(0)
+    assert torch.equal(direct[1], items)
+    assert not torch.equal(direct[0], direct[1])  # the epoch is part of every item's draw
+    persistent = two_epochs(2)  # workers made once, told the epoch through shared memory
+    assert all(torch.equal(a, b) for a, b in zip(direct, persistent, strict=True))
+    torch.manual_seed(123)  # whatever the global state, whatever came before: same item
+    ds.set_epoch(1)
+    assert torch.equal(ds[3][0], direct[1][3]) and ds.epoch == 1
+    other = ImageDataset(ds.paths, ds.labels, ds.transform, seed=6)
+    assert not torch.equal(other[3][0], ds[3][0])  # the run seed too
+
+
+def test_training_is_identical_with_any_number_of_workers(data, tmp_path):
+    tr, va = data
+    runs = [
+        train(
+            tiny_net(4),
+            tr,
+            va,
+            preprocess=PRE,
+            config=tiny_config(workers=workers),
+            out=tmp_path / f"w{workers}",
+            stages=[Stage("all", 1, "all", lr=1e-2, bn="train")],
+            augment="strong",
+        )
+        for workers in (0, 2)
+    ]
+    assert state_equal(runs[0].net.state_dict(), runs[1].net.state_dict())
+    strip = [
+        {k: v for k, v in r.history[0].items() if k not in ("seconds", "img_per_s")} for r in runs
+    ]
+    assert strip[0] == strip[1]
+
+
+# --------------------------------------------------------------------------------------------
+# class weights
+
+
+def test_class_weights_are_heads_balanced_weights_over_every_class(data, tmp_path):
+    from transferlab.heads import _class_weights
+
+    y = np.array([0, 0, 0, 1, 2, 2])
+    w = engine.class_weights(y, 3, "auto")
+    np.testing.assert_allclose(w.numpy(), [6 / 9, 6 / 3, 6 / 6], rtol=1e-6)
+    np.testing.assert_allclose(w.numpy(), _class_weights(y, 3, "auto"), rtol=1e-6)
+    assert engine.class_weights(y, 3, None) is None
+    assert engine.class_weights(y, 3, "none") is None
+    # the head has 3 classes, the training labels only 0 and 1: sized by the classes, the
+    # weight of class 2 is undefined (it used to be sized by the largest label: a torch crash)
+    tr, va = data
+    with pytest.raises(TransferlabError, match=r"class\(es\) \[2\] have no training images"):
+        train(
+            tiny_net(num_classes=3),
+            tr,
+            va,
+            preprocess=PRE,
+            config=tiny_config(class_weight="auto"),
+            out=tmp_path,
+            stages=[Stage("h", 1, "head")],
             augment="none",
         )
 
@@ -501,6 +665,30 @@ def test_scratch_strategy_result_round_trips(data, tmp_path):
     with torch.no_grad():
         assert torch.allclose(loaded.net(x), result.net(x), atol=1e-6)
     assert json.loads((tmp_path / "m" / "model.json").read_text())["body"]["trained"] is True
+
+
+def test_scratch_cnn_defaults(data, tmp_path):
+    from transferlab.strategies import scratch
+
+    ctx = _context(tmp_path, data, image_size=64, strategy="scratch-regularized")
+    setup = scratch.prepare_regularized(ctx)
+    assert setup.monitor == "val_acc" and setup.min_epochs == scratch.MIN_EPOCHS >= 5
+    (stage,) = setup.stages
+    assert (stage.lr, stage.epochs) == (scratch.CNN_LR, scratch.DEFAULT_EPOCHS) == (1e-4, 30)
+    layers = [m for m in setup.net.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
+    assert len(layers) == 4 + 2 + 1  # the tutorial's architecture, untouched
+    for m in layers:  # Keras' glorot_uniform kernels and zero biases
+        w = m.weight.detach()
+        fan_in = w.shape[1] * w[0, 0].numel()
+        fan_out = w.shape[0] * w[0, 0].numel()
+        bound = math.sqrt(6 / (fan_in + fan_out))
+        assert 0.9 * bound < float(w.abs().max()) <= bound
+        assert not m.bias.any()
+    again = scratch.prepare_regularized(ctx)
+    assert state_equal(again.net.state_dict(), setup.net.state_dict())  # seeded init
+    ctx.config.lr, ctx.config.epochs = 0.5, 3  # given options win
+    (stage,) = scratch.prepare_basic(ctx).stages
+    assert (stage.lr, stage.epochs) == (0.5, 3)
 
 
 def test_lr_find_restores_state_and_suggests(data, tmp_path):

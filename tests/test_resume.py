@@ -3,7 +3,9 @@
 Three subprocesses run the same two-stage job (head, then the top two stages with BatchNorm in
 train mode, augmentation on): one uninterrupted; one SIGKILLed as soon as its first checkpoint
 appears (decoding is slowed down so that happens inside the run); and that one again with
-``resume=True``. Final weights and every per-epoch metric must be identical.
+``resume=True``, on two DataLoader workers where the others decode in the main process (the
+worker count may change on resume: augmentation is seeded per item, not per worker). Final
+weights and every per-epoch metric must be identical.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ SCRIPT = textwrap.dedent(
         dataset.open_rgb = slow_open
     tr, va = make_split(root, "train", 16), make_split(root, "val", 8, seed=100)
     res = train(
-        tiny_net(7), tr, va, preprocess=PRE, config=tiny_config(resume=mode == "resume"),
+        tiny_net(7), tr, va, preprocess=PRE,
+        config=tiny_config(resume=mode == "resume", workers=2 if mode == "resume" else 0),
         out=out, stages=[Stage("head", 1, "head", lr=1e-2),
                          Stage("top2", 4, 2, lr=1e-2, lr_mult=0.1, bn="train")],
         augment="light",

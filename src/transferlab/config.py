@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from transferlab.errors import TransferlabError
 
 DEFAULT_BACKBONE = "local-dir:../shared/weights/mobilenetv2_100.tf_quant_in1k"
+
+# The small vocabularies of the options, here so that checking a config imports nothing heavy;
+# the engine and the runtimes import them from this module.
+OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd", "rmsprop")
+SCHEDULES: tuple[str, ...] = ("cosine", "onecycle", "step", "constant")
+BN_POLICIES: tuple[str, ...] = ("frozen", "train")
+ENGINES: tuple[str, ...] = ("auto", "openvino", "onnxruntime", "torch")
+PRECISIONS: tuple[str, ...] = (
+    "32-true", "bf16-mixed", "16-mixed", "64-true", "bf16-true", "16-true"
+)  # fmt: skip
+MIN_IMAGE_SIZE = 16
 
 
 @dataclass
@@ -56,27 +68,62 @@ class FitConfig:
     resume: bool = False
 
     def validate(self) -> FitConfig:
+        """Check every option up front; a bad one is a TransferlabError naming it and what it
+        takes. Normalizes ``class_weight="none"`` to None. Returns ``self``."""
         from transferlab.heads import HEADS
         from transferlab.strategies import STRATEGIES
 
-        if self.strategy not in STRATEGIES:
-            raise TransferlabError(
-                f"--strategy {self.strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}"
-            )
-        if self.head not in HEADS:
-            raise TransferlabError(
-                f"--head {self.head!r} is unknown; choose one of {', '.join(HEADS)}"
-            )
+        _choice("strategy", self.strategy, STRATEGIES)
+        _choice("head", self.head, HEADS)
         if self.class_weight not in (None, "auto", "none"):
-            raise TransferlabError("--class-weight takes 'auto' or 'none'")
+            raise TransferlabError(
+                f"--class-weight {self.class_weight!r} is unknown; choose 'auto' or 'none'"
+            )
         if self.class_weight == "none":
             self.class_weight = None
         if not 0 <= self.val_fraction < 1 or not 0 <= self.test_fraction < 1:
             raise TransferlabError("--val-fraction and --test-fraction must be in [0, 1)")
         if self.val_fraction + self.test_fraction >= 1:
             raise TransferlabError("--val-fraction + --test-fraction must leave images to train on")
-        if self.batch_size < 1:
-            raise TransferlabError("--batch-size must be at least 1")
+        _integer("batch-size", self.batch_size, 1)
+        _integer("seed", self.seed, 0)
+        _integer("max-pixels", self.max_pixels, 1)
+        if self.workers is not None:
+            _integer("workers", self.workers, 0, "or unset (automatic)")
+        _choice("engine", self.engine, ENGINES)
+        if self.epochs is not None:
+            _integer("epochs", self.epochs, 1, "or unset (the strategy's default)")
+        if self.lr is not None and not _finite(self.lr, above=0):
+            raise TransferlabError(
+                f"--lr {self.lr!r}: give a learning rate > 0, or leave it unset (the strategy's "
+                "default)"
+            )
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("schedule", self.schedule, SCHEDULES)
+        if not _finite(self.warmup_epochs, at_least=0):
+            raise TransferlabError(f"--warmup-epochs {self.warmup_epochs!r} must be >= 0")
+        if not _finite(self.weight_decay, at_least=0):
+            raise TransferlabError(f"--weight-decay {self.weight_decay!r} must be >= 0")
+        if not (_finite(self.label_smoothing, at_least=0) and self.label_smoothing < 1):
+            raise TransferlabError(f"--label-smoothing {self.label_smoothing!r} must be in [0, 1)")
+        if self.patience is not None:
+            _integer("patience", self.patience, 1, "or unset (no early stopping)")
+        if self.max_time is not None and not _finite(self.max_time, at_least=0):
+            raise TransferlabError(
+                f"--max-time {self.max_time!r}: give seconds >= 0, or leave it unset (no budget)"
+            )
+        if self.augment is not None:
+            from transferlab.augment import PRESETS
+
+            _choice("augment", self.augment, PRESETS, "or unset (the strategy's default)")
+        _check_unfreeze(self.unfreeze)
+        if not _finite(self.lr_mult, above=0):
+            raise TransferlabError(f"--lr-mult {self.lr_mult!r} must be > 0 (body LR = lr x it)")
+        _choice("bn", self.bn, BN_POLICIES)
+        if self.image_size is not None:
+            _integer("image-size", self.image_size, MIN_IMAGE_SIZE, "or unset (the default)")
+        _check_devices(self.devices)
+        _choice("precision", self.precision, PRECISIONS)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -86,3 +133,57 @@ class FitConfig:
     def from_dict(cls, d: dict[str, Any]) -> FitConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _choice(option: str, value: Any, valid: Any, extra: str = "") -> None:
+    if value not in valid:
+        tail = f" {extra}" if extra else ""
+        raise TransferlabError(
+            f"--{option} {value!r} is unknown; choose one of {', '.join(valid)}{tail}"
+        )
+
+
+def _integer(option: str, value: Any, least: int, extra: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        tail = f" {extra}" if extra else ""
+        raise TransferlabError(f"--{option} {value!r}: give an integer >= {least}{tail}")
+
+
+def _finite(value: Any, *, above: float | None = None, at_least: float | None = None) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return False
+    if above is not None and not value > above:
+        return False
+    return at_least is None or value >= at_least
+
+
+def _check_unfreeze(value: Any) -> None:
+    text = str(value).strip().lower()
+    if text == "all":
+        return
+    try:
+        ok = int(text) >= 1
+    except ValueError:
+        ok = False
+    if not ok:
+        raise TransferlabError(f"--unfreeze {value!r}: give a number of top stages >= 1, or 'all'")
+
+
+def _check_devices(value: Any) -> None:
+    """Lightning's devices: a count >= 1, -1 or 'auto' (all), or device indices like '0,1'."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        ok = value >= 1 or value == -1
+    elif isinstance(value, str):
+        text = value.strip()
+        parts = [p.strip() for p in text.rstrip(",").split(",")]
+        indices = "," in text  # "0," or "0,1": which devices; "2": how many
+        ok = text in ("auto", "-1") or (
+            all(p.isdigit() for p in parts) and (indices or int(parts[0]) >= 1)
+        )
+    else:
+        ok = False
+    if not ok:
+        raise TransferlabError(
+            f"--devices {value!r}: give a count >= 1, 'auto' or -1 (every device), or device "
+            "indices such as '0,1'"
+        )

@@ -28,7 +28,15 @@ before anything is loaded: a truncated or corrupt file is a :class:`TransferlabE
 Randomness is re-derived at the start of every epoch from ``(seed, epoch, rank)`` (Python,
 NumPy, torch, the DataLoader generator that seeds workers, and the sampler's shuffle), so a run
 resumed from an epoch boundary draws exactly what the uninterrupted run would have drawn, on
-every rank; with ``deterministic`` the same command and seed give the same numbers.
+every rank. Augmentation draws are per item: a pure function of ``(seed, epoch, item index)``
+(``ImageDataset(seed=...)`` + ``set_epoch``), so they do not depend on the number of DataLoader
+workers (which ``_default_workers`` picks from the machine's cores), on the batch or on the rank.
+With ``deterministic`` the same command and seed give the same numbers, on any core count.
+
+A checkpoint also records the training-relevant configuration (:func:`resume_config`: every
+``FitConfig`` option except where and how fast the run executes) and digests of the training and
+validation splits (paths, labels, file digests); ``--resume`` with other options or other data
+is refused, naming what differs, before anything is loaded.
 """
 
 from __future__ import annotations
@@ -56,7 +64,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from transferlab.augment import PRESETS, build_transform, draft_size
-from transferlab.config import FitConfig
+from transferlab.config import BN_POLICIES, OPTIMIZERS, SCHEDULES, FitConfig
 from transferlab.data.dataset import ImageDataset, collate, raise_if_failed
 from transferlab.errors import TransferlabError
 from transferlab.model import ClassifierNet, state_digest
@@ -77,6 +85,7 @@ __all__ = [
     "apply_plan",
     "body_stages",
     "build_optimizer",
+    "class_weights",
     "grad_boundary",
     "has_placeholder_bn",
     "is_global_zero",
@@ -84,15 +93,13 @@ __all__ = [
     "lr_factor",
     "plan_stage",
     "recalibrate_bn",
+    "resume_config",
     "run_setup",
     "set_train_mode",
     "train",
     "write_history",
 ]
 
-OPTIMIZERS = ("adamw", "sgd", "rmsprop")
-SCHEDULES = ("cosine", "onecycle", "step", "constant")
-BN_POLICIES = ("frozen", "train")
 MONITORS = {"val_loss": "min", "val_acc": "max"}
 CHECKPOINT_DIR = "checkpoints"
 LAST_CKPT = "last.ckpt"
@@ -102,7 +109,13 @@ HISTORY_FIELDS = (
     "epoch", "stage", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "img_per_s"
 )  # fmt: skip
 CKPT_FORMAT = "transferlab-train-checkpoint"
-CKPT_VERSION = 1
+CKPT_VERSION = 2  # 2: + the run's configuration and data digests (resume refuses a change)
+# FitConfig options that may change on --resume: where and how fast the run executes, the time
+# budget, and the resume flag itself. Every other option is part of what the run trains.
+RESUMABLE_OPTIONS = (
+    "resume", "max_time", "accelerator", "devices", "dist_strategy", "precision", "workers",
+    "cache_dir", "engine",
+)  # fmt: skip
 RECALIBRATION_IMAGES = 256
 # one-cycle shape (fastai/torch defaults): start at lr/25, end at lr/(25 * 1e4), ramp 25 %
 _ONECYCLE_DIV, _ONECYCLE_FINAL_DIV, _ONECYCLE_PCT = 25.0, 1e4, 0.25
@@ -509,7 +522,10 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"{path}: corrupt or truncated checkpoint ({str(e).splitlines()[0][:200]}); "
             "delete it and start again without --resume"
         ) from None
-    required = ("format", "version", "model", "digest", "state", "stages", "plan", "optimizer")
+    required = (
+        "format", "version", "model", "digest", "state", "stages", "plan", "optimizer", "config",
+        "setup", "data",
+    )  # fmt: skip
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise TransferlabError(f"{path}: not a transferlab training checkpoint")
     if ckpt.get("version") != CKPT_VERSION or any(k not in ckpt for k in required):
@@ -537,6 +553,71 @@ def _check_weights(net: nn.Module, state: dict[str, torch.Tensor], path: Path) -
             f"{path}: checkpoint does not fit this model (missing {len(missing)}, unexpected "
             f"{len(extra)}, mismatched shapes {len(shapes)}, e.g. {detail}); it was written by a "
             "different backbone/head: resume with the same command, or start without --resume"
+        )
+
+
+def resume_config(config: FitConfig) -> dict[str, Any]:
+    """The options a checkpoint is bound to: ``config.to_dict()`` minus RESUMABLE_OPTIONS."""
+    return {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_OPTIONS}
+
+
+def _split_digest(split: Split | None) -> dict[str, Any]:
+    """A split's identity: its size and a sha256 over (path, label, file digest), in order."""
+    if split is None:
+        return {"images": 0, "sha256": None}
+    h = hashlib.sha256()
+    for path, label, digest in zip(split.paths, split.labels, split.digests, strict=True):
+        h.update(f"{path}\0{int(label)}\0{digest}\n".encode())
+    return {"images": len(split), "sha256": h.hexdigest()}
+
+
+def _run_identity(
+    config: FitConfig, train: Split, val: Split | None, setup: dict[str, Any]
+) -> dict[str, Any]:
+    """What a checkpoint records so that ``--resume`` can refuse another run's options or data.
+
+    ``setup``: what the strategy decided beyond the config and the stages (augment preset,
+    monitor, min_epochs)."""
+    return {
+        "config": resume_config(config),
+        "setup": setup,
+        "data": {"train": _split_digest(train), "val": _split_digest(val)},
+    }
+
+
+_UNSET = object()
+
+
+def _show(value: Any, other: Any) -> str:
+    if value is _UNSET or value is None:
+        return "unset"
+    return repr(value) if str(value) == str(other) else str(value)
+
+
+def _check_same_run(ckpt: dict[str, Any], path: Path, identity: dict[str, Any]) -> None:
+    """Refuse to resume ``ckpt`` with other training options or other data, naming each."""
+    then, now = ckpt["config"], identity["config"]
+    diffs = []
+    for key in [*now, *(k for k in then if k not in now)]:
+        old, new = then.get(key, _UNSET), now.get(key, _UNSET)
+        if old != new:
+            option = "--" + key.replace("_", "-")
+            diffs.append(f"{option} was {_show(old, new)}, now {_show(new, old)}")
+    for key, new in identity["setup"].items():
+        old = ckpt["setup"].get(key, _UNSET)
+        if old != new:
+            diffs.append(f"the strategy's {key} was {_show(old, new)}, now {_show(new, old)}")
+    for name, what in (("train", "training"), ("val", "validation")):
+        old, new = ckpt["data"].get(name) or {}, identity["data"][name]
+        if old != new:
+            diffs.append(
+                f"the {what} images differ ({old.get('images', '?')} then, {new['images']} now; "
+                "file paths, labels or contents changed)"
+            )
+    if diffs:
+        raise TransferlabError(
+            f"{path} was written by another run: {'; '.join(diffs)}: resume with the same "
+            "options, or start a new --out"
         )
 
 
@@ -576,6 +657,8 @@ class _Job:
     stages: list[Stage]
     augment: str
     monitor: str
+    num_classes: int
+    min_epochs: int  # early stopping never stops the run before this many epochs
     caller_pid: int  # a rank in another process hands its weights back through best.ckpt
 
 
@@ -583,6 +666,41 @@ class _Job:
 class _RunOutput:
     best_state: dict[str, torch.Tensor] | None  # None from a spawned process: see best.ckpt
     state: _State
+
+
+def class_weights(
+    labels: np.ndarray | list[int], num_classes: int, mode: str | None
+) -> torch.Tensor | None:
+    """``--class-weight auto``: the loss weights ``n / (C * count_c)`` of :mod:`transferlab.heads`
+    (sklearn's "balanced"), over all ``num_classes`` classes; None without class weighting."""
+    if mode is None or mode == "none":
+        return None
+    from transferlab.heads import _class_weights
+
+    y = np.asarray(labels, dtype=np.int64)
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        raise TransferlabError(
+            f"training labels run from {y.min()} to {y.max()}, outside the {num_classes} classes"
+        )
+    missing = np.flatnonzero(np.bincount(y, minlength=num_classes) == 0)
+    if len(missing):
+        raise TransferlabError(
+            f"--class-weight auto: class(es) {missing.tolist()} have no training images, so "
+            "their weight n / (C * count) is undefined; add images or drop --class-weight"
+        )
+    return torch.tensor(_class_weights(y, num_classes, mode), dtype=torch.float32)
+
+
+def _head_outputs(net: ClassifierNet) -> int:
+    """The number of logits: the output width of the head's last Linear layer."""
+    linears = [m for m in net.head.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise TransferlabError("train() cannot tell the number of classes: pass num_classes")
+    return int(linears[-1].out_features)
+
+
+def _setup_identity(job: _Job) -> dict[str, Any]:
+    return {"augment": job.augment, "monitor": job.monitor, "min_epochs": job.min_epochs}
 
 
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -607,7 +725,8 @@ def _default_workers(config: FitConfig) -> int:
     if config.accelerator in ("gpu", "cuda"):
         return max(1, min(8, per_rank - 1))  # the GPU outruns JPEG decoding: feed it
     # On CPU a JPEG decode costs a few % of a core next to a training step: one or two workers
-    # overlap it without taking cores from the model.
+    # overlap it without taking cores from the model. The choice only changes the speed: the
+    # augmentation of every item is seeded by (seed, epoch, index), not by a worker's stream.
     return 1 if per_rank <= 4 else 2
 
 
@@ -635,21 +754,15 @@ class _Trainer:
         self.started = time.perf_counter()
         self.state = _State()
         self.resume: dict[str, Any] | None = None
+        self.identity = _run_identity(self.cfg, job.train, job.val, _setup_identity(job))
+        weight = class_weights(job.train.labels, job.num_classes, self.cfg.class_weight)
         self.criterion = nn.CrossEntropyLoss(
-            weight=self._class_weights(), label_smoothing=self.cfg.label_smoothing
+            weight=weight, label_smoothing=self.cfg.label_smoothing
         )
         self.train_loader = self._train_loader()
         self.val_loader = self._val_loader()
 
     # -- data ---------------------------------------------------------------------------------
-
-    def _class_weights(self) -> torch.Tensor | None:
-        if self.cfg.class_weight != "auto":
-            return None
-        labels = np.asarray(self.job.train.labels)
-        counts = np.bincount(labels, minlength=int(labels.max()) + 1).astype(np.float64)
-        counts = np.maximum(counts, 1.0)
-        return torch.tensor(len(labels) / (len(counts) * counts), dtype=torch.float32)
 
     def _dataset(self, split: Split, preset: str, train: bool) -> ImageDataset:
         pre = self.job.preprocess
@@ -660,6 +773,7 @@ class _Trainer:
             self.cfg.max_pixels,
             draft=draft_size(pre),
             defer_errors=_default_workers(self.cfg) > 0,
+            seed=self.cfg.seed if train else None,  # item draws: (seed, epoch, index)
         )
 
     def _loader(self, ds: Any, **kw: Any) -> DataLoader:
@@ -675,7 +789,7 @@ class _Trainer:
         )
 
     def _train_loader(self) -> DataLoader:
-        ds = self._dataset(self.job.train, self.job.augment, train=True)
+        ds = self.train_set = self._dataset(self.job.train, self.job.augment, train=True)
         self.sampler = DistributedSampler(
             ds, num_replicas=self.world, rank=self.rank, shuffle=True, seed=self.cfg.seed
         )
@@ -767,6 +881,7 @@ class _Trainer:
         _seed_all(s)
         self.generator.manual_seed(s)
         self.sampler.set_epoch(self.state.epoch)
+        self.train_set.set_epoch(self.state.epoch)  # before the loader's workers fetch items
         train_loss, train_acc, n_images, lr = self._train_epoch(model, optimizer, plan, stage)
         t_train = time.perf_counter() - t0
         val_loss, val_acc = self._validate(plan)
@@ -888,7 +1003,8 @@ class _Trainer:
             return True
         self.state.wait += 1
         patience = self.cfg.patience
-        if patience is not None and self.state.wait >= patience:
+        grace = self.state.epoch < self.job.min_epochs  # e.g. a from-scratch net still at chance
+        if patience is not None and self.state.wait >= patience and not grace:
             self.state.stop_reason = "early_stop"
         return False
 
@@ -905,6 +1021,7 @@ class _Trainer:
             "stages": [asdict(s) for s in self.job.stages],
             "monitor": self.job.monitor,
             "state": asdict(self.state),
+            **self.identity,
         }
         if improved:
             # best first: a kill between the two writes leaves last.ckpt (which carries the best
@@ -1002,12 +1119,7 @@ def _check_args(stages: list[Stage], config: FitConfig, augment: str, monitor: s
         raise TransferlabError(f"--augment {augment!r} is unknown; choose one of {PRESETS}")
     if monitor not in MONITORS:
         raise TransferlabError(f"monitor {monitor!r} is unknown; choose one of {list(MONITORS)}")
-    if config.optimizer not in OPTIMIZERS:
-        raise TransferlabError(f"--optimizer {config.optimizer!r}: choose one of {OPTIMIZERS}")
-    if config.schedule not in SCHEDULES:
-        raise TransferlabError(f"--schedule {config.schedule!r}: choose one of {SCHEDULES}")
-    if config.warmup_epochs < 0 or not 0 <= config.label_smoothing < 1:
-        raise TransferlabError("--warmup-epochs must be >= 0 and --label-smoothing in [0, 1)")
+    config.validate()
 
 
 def _num_nodes() -> int:
@@ -1060,6 +1172,8 @@ def train(
     stages: list[Stage],
     augment: str,
     monitor: str = "val_loss",
+    num_classes: int | None = None,
+    min_epochs: int = 0,
 ) -> TrainResult:
     """Train ``net`` through ``stages`` on image files; returns it with the best weights loaded.
 
@@ -1067,9 +1181,15 @@ def train(
     deleted afterwards, when ``out`` is ``os.devnull``). ``config.resume`` continues from
     ``out/checkpoints/last.ckpt`` with the stage, frozen set, parameter groups, optimizer,
     schedule position, best weights and early-stopping counter it holds. ``monitor`` (val_loss or
-    val_acc) picks the best epoch and drives early stopping (``config.patience``).
+    val_acc) picks the best epoch and drives early stopping (``config.patience``), which never
+    stops the run before ``min_epochs`` epochs (Keras' ``start_from_epoch``). A checkpoint
+    written with other training options (:func:`resume_config`) or other train/val images is
+    refused, naming the differences. ``num_classes`` (default: the head's output width) sizes
+    the ``--class-weight auto`` weights.
     """
     _check_args(stages, config, augment, monitor)
+    if num_classes is None:
+        num_classes = _head_outputs(net)
     scratch_dir = str(out) == os.devnull
     if scratch_dir and config.resume:
         raise TransferlabError("--resume needs the --out folder of the interrupted run")
@@ -1077,6 +1197,9 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     if config.resume:
         ckpt = load_checkpoint(run_dir / CHECKPOINT_DIR / LAST_CKPT)  # fail here, not in a rank
+        setup = {"augment": augment, "monitor": monitor, "min_epochs": int(min_epochs)}
+        identity = _run_identity(config, train, val, setup)
+        _check_same_run(ckpt, run_dir / CHECKPOINT_DIR / LAST_CKPT, identity)
         if ckpt["stages"] != [asdict(s) for s in stages]:
             raise TransferlabError(
                 f"{run_dir / CHECKPOINT_DIR / LAST_CKPT}: written for other stages "
@@ -1093,7 +1216,19 @@ def train(
         )
     tune_glibc_malloc()  # eager PyTorch here is ~2x faster with it (perf-notes.md)
     grad_flags = {n: p.requires_grad for n, p in net.named_parameters()}
-    job = _Job(train, val, preprocess, config, run_dir, stages, augment, monitor, os.getpid())
+    job = _Job(
+        train,
+        val,
+        preprocess,
+        config,
+        run_dir,
+        stages,
+        augment,
+        monitor,
+        num_classes,
+        int(min_epochs),
+        os.getpid(),
+    )
     t0 = time.perf_counter()
     try:
         # The job rides in a partial: Fabric's spawn launcher walks the positional arguments and
@@ -1136,6 +1271,8 @@ class TrainSetup:
     body: dict[str, Any]  # spec + recipe; weights_hash and trained are filled in after training
     head: dict[str, Any]  # head spec for heads.build_head
     info: dict[str, Any] = field(default_factory=dict)
+    monitor: str = "val_loss"  # what picks the best epoch and drives early stopping
+    min_epochs: int = 0  # early stopping waits at least this many epochs
 
 
 def run_setup(ctx: StrategyContext, setup: TrainSetup) -> StrategyResult:
@@ -1149,6 +1286,9 @@ def run_setup(ctx: StrategyContext, setup: TrainSetup) -> StrategyResult:
         out=ctx.out,
         stages=setup.stages,
         augment=setup.augment,
+        monitor=setup.monitor,
+        num_classes=len(ctx.classes),
+        min_epochs=setup.min_epochs,
     )
     ctx.timings["train_engine_s"] = res.seconds
     body = {**setup.body, "weights_hash": state_digest(res.net.body), "trained": True}
@@ -1162,6 +1302,8 @@ def run_setup(ctx: StrategyContext, setup: TrainSetup) -> StrategyResult:
         "images_per_s": res.images_per_s,
         "recalibrated_bn": res.recalibrated_bn,
         "augment": setup.augment,
+        "monitor": setup.monitor,
+        "min_epochs": setup.min_epochs,
         "stages": [asdict(s) for s in setup.stages],
     }
     return StrategyResult(

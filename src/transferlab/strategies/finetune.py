@@ -56,8 +56,9 @@ def _stages(cfg: FitConfig, n_stages: int) -> list[Stage]:
     """One stage, or with ``--gradual`` one more unfrozen stage per epoch up to ``--unfreeze``."""
     k = parse_unfreeze(cfg.unfreeze, n_stages)
     whole = str(cfg.unfreeze).strip().lower() == "all"
-    epochs = cfg.epochs or DEFAULT_EPOCHS
-    hyper = {"lr": cfg.lr or DEFAULT_LR, "lr_mult": cfg.lr_mult, "bn": cfg.bn}
+    epochs = DEFAULT_EPOCHS if cfg.epochs is None else cfg.epochs
+    lr = DEFAULT_LR if cfg.lr is None else cfg.lr
+    hyper = {"lr": lr, "lr_mult": cfg.lr_mult, "bn": cfg.bn}
 
     def trainable(j: int) -> int | str:
         return "all" if whole and j == k else j  # "all" also trains parameters outside stages
@@ -85,7 +86,7 @@ def prepare(ctx: StrategyContext) -> TrainSetup:
         net=net,
         preprocess=backbone.preprocess,
         stages=stages,
-        augment=cfg.augment or DEFAULT_AUGMENT,
+        augment=DEFAULT_AUGMENT if cfg.augment is None else cfg.augment,
         body={"spec": backbone.spec, "recipe": timm_body_recipe(backbone.spec, backbone.model)},
         head=fitted.spec,
         info={

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader
 
 from transferlab.augment import build_transform, draft_size
 from transferlab.data.dataset import ImageDataset, collate, raise_if_failed
-from transferlab.engine import HISTORY_CSV, lr_factor, write_history
+from transferlab.engine import HISTORY_CSV, class_weights, lr_factor, write_history
 from transferlab.heads import build_head
 from transferlab.model import ClassifierNet, timm_body_recipe
 from transferlab.progress import info, progress
@@ -79,9 +79,10 @@ class _SeededViews(ImageDataset):
         )
         self.seeds = seeds
 
-    def __getitem__(self, index: int) -> Any:
-        torch.manual_seed(self.seeds[index])
-        return super().__getitem__(index)
+    def item_seed(self, index: int) -> int:
+        """The view's own seed: ImageDataset runs the transform on a private RNG stream seeded
+        with it (the calling process's global RNG is untouched)."""
+        return self.seeds[index]
 
 
 def _view_seed(seed: int, view: int, digest: str) -> int:
@@ -150,13 +151,6 @@ def _head_spec(kind: str, d: int, c: int) -> dict[str, Any]:
     return spec
 
 
-def _class_weights(y: np.ndarray, c: int, mode: str | None) -> torch.Tensor | None:
-    if mode != "auto":
-        return None
-    counts = np.maximum(np.bincount(y, minlength=c), 1).astype(np.float64)
-    return torch.tensor(len(y) / (c * counts), dtype=torch.float32)
-
-
 def train_head(
     views: np.ndarray,
     y: np.ndarray,
@@ -202,7 +196,7 @@ def _fit(
 ) -> tuple[list[dict], dict[str, torch.Tensor] | None]:
     cfg = ctx.config
     k, n, _ = views.shape
-    epochs = cfg.epochs or DEFAULT_EPOCHS
+    epochs = DEFAULT_EPOCHS if cfg.epochs is None else cfg.epochs
     steps = math.ceil(n / cfg.batch_size)
     warmup = round(cfg.warmup_epochs * steps)
     # standardize once up front (the same float32 arithmetic as the head's own buffers), then
@@ -211,12 +205,11 @@ def _fit(
     labels = torch.from_numpy(y.astype(np.int64))
     net = head.net
     crit = nn.CrossEntropyLoss(
-        weight=_class_weights(y, len(ctx.classes), cfg.class_weight),
+        weight=class_weights(y, len(ctx.classes), cfg.class_weight),
         label_smoothing=cfg.label_smoothing,
     )
-    opt = torch.optim.AdamW(
-        net.parameters(), lr=cfg.lr or DEFAULT_LR, weight_decay=cfg.weight_decay
-    )
+    lr = DEFAULT_LR if cfg.lr is None else cfg.lr
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     base_lr = opt.param_groups[0]["lr"]
     gen = torch.Generator().manual_seed(cfg.seed)
     history: list[dict] = []
@@ -277,7 +270,7 @@ def _evaluate(head: nn.Module, x: np.ndarray, y: np.ndarray) -> tuple[float, flo
 def run(ctx: StrategyContext) -> StrategyResult:
     cfg = ctx.config
     backbone = ctx.backbone()
-    preset = cfg.augment or DEFAULT_AUGMENT
+    preset = DEFAULT_AUGMENT if cfg.augment is None else cfg.augment
     views, stats = augmented_features(ctx, ctx.train, preset)
     ctx.timings["augmented_views_s"] = stats["seconds"]
     clean = {
