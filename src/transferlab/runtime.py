@@ -32,6 +32,7 @@ from torch import nn
 
 from transferlab.backbones import Backbone
 from transferlab.cache import FeatureCache
+from transferlab.config import ENGINES  # one vocabulary, validated by FitConfig
 from transferlab.errors import TransferlabError
 
 __all__ = [
@@ -43,7 +44,6 @@ __all__ = [
     "tune_glibc_malloc",
 ]
 
-ENGINES = ("auto", "openvino", "onnxruntime", "torch")
 PARITY_ATOL = 1e-4
 _PARITY_BATCH = (
     3  # odd on purpose: differs from the export's dummy batch, exercising the dynamic axis
