@@ -78,12 +78,11 @@ _STD_FLOOR = 1e-6
 # Validation losses closer than this are a tie (see module docstring).
 _TIE_TOL = 1e-6
 
-# Intra-op threads used while fitting (None: leave torch's setting alone). Bottleneck-sized
-# problems gain little from threads (700x1280 grid: 0.42 s on 1 thread vs 0.33 s on 2, idle
-# machine), but when other processes share the cores OpenMP's spin-waiting made 2-thread fits
-# 10-40x slower (measured: 0.5 s -> 2-18 s). One thread also makes the weights independent of
-# the machine's core count.
-_NUM_THREADS_DEFAULT = 1
+# Intra-op threads used while fitting (None: leave torch's setting alone, the default). A
+# library should not flip the process-wide OpenMP team size behind the caller's back: two
+# native crashes (SIGSEGV) were seen in long processes that did so between other torch work,
+# so the one-thread option (faster only on an oversubscribed machine) is opt-in.
+_NUM_THREADS_DEFAULT = None
 
 _LINEAR_DEFAULTS: dict[str, Any] = {
     "l2": None,  # a fixed strength: skips the grid search

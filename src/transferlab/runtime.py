@@ -95,25 +95,6 @@ def _wrapper(backbone: Backbone) -> _FeatureWrapper:
 
 
 @contextlib.contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    """Run a tiny one-off torch job (export trace, parity batch) on one thread.
-
-    With 2+ OpenMP threads on a busy machine every op ends in a barrier that waits for a
-    descheduled thread: measured here under load, the 3-image parity batch took 1.7-3.7 s on two
-    threads versus 0.2 s on one. Process-wide while it lasts, so meant for startup code.
-    """
-    before = torch.get_num_threads()
-    if before == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode for the duration (BN must use its running statistics in features), then restore
     each module's own flag, so calling this mid-training leaves the caller's model as it was."""
@@ -145,7 +126,6 @@ def export_onnx(backbone: Backbone, path: Path) -> float:
         with (
             warnings.catch_warnings(),
             _eval_mode(backbone.model),
-            _one_torch_thread(),
             torch.inference_mode(False),
             torch.no_grad(),
         ):
@@ -339,8 +319,7 @@ def make_runtime(
             runtime: _Runtime = TorchRuntime(backbone, threads=threads)
             # torch vs torch differs only by channels_last kernels, but record it like the others.
             images, ref = expected()
-            with _one_torch_thread():
-                runtime.parity = _max_diff(runtime(images), ref)
+            runtime.parity = _max_diff(runtime(images), ref)
             say(f"engine: torch ({runtime.threads} threads)")
             return runtime
         if export_failed:
@@ -398,7 +377,7 @@ def _reference_batch(backbone: Backbone) -> tuple[np.ndarray, np.ndarray]:
     h, w = backbone.preprocess.input_size
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(_PARITY_BATCH, 3, h, w), dtype=np.uint8)
-    with _eval_mode(backbone.model), _one_torch_thread(), torch.inference_mode():
+    with _eval_mode(backbone.model), torch.inference_mode():
         ref = _wrapper(backbone)(torch.from_numpy(images)).float().numpy()
     return images, ref
 

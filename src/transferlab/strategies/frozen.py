@@ -29,7 +29,6 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -162,7 +161,7 @@ def train_head(
     cfg = ctx.config
     k, n, d = views.shape
     spec = _head_spec(cfg.head, d, len(ctx.classes))
-    with torch.random.fork_rng(devices=[]), _one_thread():
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         head = build_head(spec)
         flat = views.reshape(-1, d).astype(np.float64)
@@ -173,17 +172,6 @@ def train_head(
         head.load_state_dict(best)
     spec.update(views=k, epochs_run=len(history))
     return head.eval(), spec, history
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Head-sized matrices (32 x 1280) run faster on one thread than across an OpenMP team."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _fit(
