@@ -32,15 +32,6 @@ def _isolated_cache(monkeypatch, tmp_path):
     monkeypatch.delenv("TRANSFERLAB_WEIGHTS", raising=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # OpenMP barriers on a shared, oversubscribed 2-core box make even tiny forwards take seconds.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_local_dir(
     folder: Path, *, arch: str = TINY_ARCH, size: int = 64, seed: int = 0, weights: bool = True
 ) -> Path:

@@ -50,14 +50,6 @@ PRE = Preprocess(input_size=(32, 32), crop_pct=1.0, mean=(0.5,) * 3, std=(0.5,) 
 COLOURS = ((200, 40, 40), (40, 60, 200))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(autouse=True)
 def _quiet_and_isolated(monkeypatch, tmp_path):
     monkeypatch.setenv("TRANSFERLAB_QUIET", "1")

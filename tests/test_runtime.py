@@ -30,16 +30,6 @@ def _isolated_cache(monkeypatch, tmp_path):
     monkeypatch.setattr(runtime, "_available_cpus", lambda: 1)  # default engine threads
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # On a shared, oversubscribed CI box OpenMP barriers with 2+ threads turn a 7 ms forward of
-    # the tiny model into seconds; the tests check correctness, not speed.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny() -> Backbone:
     torch.manual_seed(0)

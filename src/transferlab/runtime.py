@@ -198,9 +198,9 @@ class TorchRuntime(_Runtime):
 
     def __init__(self, backbone: Backbone, threads: int | None = None) -> None:
         super().__init__(backbone.preprocess.input_size, backbone.num_features)
-        if threads:
-            torch.set_num_threads(threads)  # process-wide; only when asked for explicitly
-        self.threads = threads or torch.get_num_threads()
+        # torch's thread count is process-wide and left to the caller: resizing its pools while
+        # another thread runs torch ops crashed the process (SIGSEGV) here.
+        self.threads = torch.get_num_threads()
         self.malloc_tuned = tune_glibc_malloc()
         # A private copy: channels_last rewrites parameter layouts, which must not leak into the
         # caller's model (training code may fine-tune it); it also snapshots the weights like an
