@@ -48,6 +48,17 @@ class PreparedData:
     skipped: list[tuple[str, str]]  # (path, reason)
     duplicates: list[tuple[str, str]]  # same content in two splits: (path_a, path_b)
 
+    def context(self, config: FitConfig, out: Path) -> StrategyContext:
+        """What a strategy (or lr-find) needs: classes, the splits, the config, the run folder."""
+        return StrategyContext(
+            classes=self.index.classes,
+            train=self.splits["train"],
+            val=self.splits.get("val"),
+            test=self.splits.get("test"),
+            config=config,
+            out=out,
+        )
+
     def summary(self) -> dict[str, Any]:
         return {
             "index": self.index.to_dict(),
@@ -141,14 +152,7 @@ def fit(
     t_start = time.perf_counter()
     prepared = prepared or prepare_data(data, config)
     out_path = Path(out) if out is not None else None
-    ctx = StrategyContext(
-        classes=prepared.index.classes,
-        train=prepared.splits["train"],
-        val=prepared.splits.get("val"),
-        test=prepared.splits.get("test"),
-        config=config,
-        out=out_path or Path(os.devnull),
-    )
+    ctx = prepared.context(config, out_path or Path(os.devnull))
     t0 = time.perf_counter()
     result = STRATEGIES[config.strategy](ctx)
     train_s = time.perf_counter() - t0

@@ -310,21 +310,11 @@ def lr_find(
     """LR range test on the network the strategy would train; the model is restored after."""
     from transferlab.api import prepare_data
     from transferlab.lr_find import lr_find_strategy
-    from transferlab.strategies import StrategyContext
 
     cfg = FitConfig(
         backbone=backbone, strategy=strategy, unfreeze=unfreeze, seed=seed, cache_dir=cache_dir
     ).validate()
-    prepared = prepare_data(data, cfg)
-    ctx = StrategyContext(
-        classes=prepared.index.classes,
-        train=prepared.splits["train"],
-        val=prepared.splits.get("val"),
-        test=prepared.splits.get("test"),
-        config=cfg,
-        out=out.parent,
-    )
-    result = lr_find_strategy(ctx, out)
+    result = lr_find_strategy(prepare_data(data, cfg).context(cfg, out.parent), out)
     for name, lr in result["suggestions"].items():
         out_console.print(f"{name:>8}: {'–' if lr is None else f'{lr:.2e}'}")
     out_console.print(f"plot saved to {out}")
