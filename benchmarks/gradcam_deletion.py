@@ -13,13 +13,16 @@ z_c - max_{j!=c} z_j (p(c) ~ 0.999 saturates: dp hardly moves until the predicti
 Masks: ``random pixels`` (uniform; the issue's baseline); ``random blobs GxG`` (top pixels of a
 random GxG map upsampled like a CAM: a CAM's smooth contiguous shape, no knowledge of the image);
 and the top pixels of a CAM at each of ``--layers`` (default: every ``body.blocks.*`` at stride
->= 16, plus grad_cam's automatic layer) with ``gradcam`` and ``hirescam``. For every CAM row:
+>= 16), grad_cam's automatic layer (the last stride-16 stage) and the last conv stage, with
+``gradcam`` and ``hirescam``. For every CAM row:
 ``vs random`` = paired mean difference of dp to random pixels +- s.e., and the share of images
 whose margin drop beats random pixels'; ``rand-bb`` = dp for the random backbone's CAM (same
 layer, method and class c); ``shuffled`` = dp for the trained CAM of an image of the other class
 (right shape, wrong place). ``pass`` = beats random pixels and the random backbone in mean dp.
 
-The issue's literal test is the row of grad_cam's defaults (automatic layer, "gradcam").
+The issue's test is the row of grad_cam's defaults (automatic layer, HiResCAM). Grad-CAM on the
+last conv stage (7x7) was the first default: it beat random pixels by about its own standard
+error, on some seeds not at all; the rows below show why it was replaced.
 
 Run from the repository root:  .venv/bin/python benchmarks/gradcam_deletion.py
 """
@@ -41,6 +44,7 @@ import transferlab  # noqa: E402
 from transferlab.config import DEFAULT_BACKBONE  # noqa: E402
 from transferlab.data.images import IMAGE_EXTENSIONS, load_image  # noqa: E402
 from transferlab.evaluation.explain import (  # noqa: E402
+    DEFAULT_CAM_METHOD,
     feature_maps,
     find_target_layer,
     grad_cam,
@@ -147,12 +151,14 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     default = find_target_layer(net, (h, w))[0]
+    last = find_target_layer(net, (h, w), max_stride=None)[0]
     if args.layers:  # the automatic layer is always measured: it is the literal test
-        layers = [s for s in args.layers.split(",") if s != default] + [default]
+        layers = [s for s in args.layers.split(",") if s not in (default, last)]
     else:
         blocks = [f"body.blocks.{i}" for i in range(len(net.body.blocks))]
         sizes = feature_maps(net, x[:1], stages=blocks)
-        layers = [b for b in blocks if sizes[b].shape[1] <= h // 16] + [default]
+        layers = [b for b in blocks if sizes[b].shape[1] <= h // 16 and b != default]
+    layers = [*layers, default, last]
     grids = {k: v.shape[1:] for k, v in feature_maps(net, x[:1], stages=layers).items()}
 
     random = drop(top_mask(np.zeros((n, h, w), np.float32), args.fraction, rng))
@@ -184,22 +190,26 @@ def main(argv: list[str] | None = None) -> int:
             ok = diff.mean() > 0 and d["dp"].mean() > rb
             name = f"{layer} ({grids[layer][0]}x{grids[layer][1]}), {method}"
             note = (
-                "  <- the issue's literal test" if (layer, method) == (default, "gradcam") else ""
+                "  <- grad_cam's defaults"
+                if (layer, method) == (default, DEFAULT_CAM_METHOD)
+                else ""
             )
             print(
                 f"{name:<30}{means(d)}{diff.mean():+11.4f} +- {se(diff):.4f}{wins:6.0%}"
                 f"{rb:8.4f}{sh:9.4f}  {'yes' if ok else 'no'}{note}"
             )
             if note:
-                literal = {"gradcam": d["dp"].mean(), "random_backbone": rb}
+                literal = {"cam": d["dp"].mean(), "random_backbone": rb}
 
-    g, r, rb = literal["gradcam"], random["dp"].mean(), literal["random_backbone"]
-    print(f"\nthe issue's literal test (grad_cam defaults: {default}, gradcam; mean dp):")
-    print(f"gradcam_drop         = {g:.4f}")
+    g, r, rb = literal["cam"], random["dp"].mean(), literal["random_backbone"]
+    print(
+        f"\nthe issue's test with grad_cam's defaults ({default}, {DEFAULT_CAM_METHOD}; mean dp):"
+    )
+    print(f"cam_drop             = {g:.4f}")
     print(f"random_drop          = {r:.4f}")
     print(f"random_backbone_drop = {rb:.4f}")
-    print(f"gradcam_drop > random_drop:          {g > r}")
-    print(f"gradcam_drop > random_backbone_drop: {g > rb}")
+    print(f"cam_drop > random_drop:          {g > r}")
+    print(f"cam_drop > random_backbone_drop: {g > rb}")
     print(f"total {time.perf_counter() - t0:.0f}s")
     return 0
 

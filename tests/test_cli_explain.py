@@ -34,6 +34,18 @@ def test_explain_and_convolve(tmp_path):
         with Image.open(p) as im:
             im.load()
             assert im.width > 100 and im.height > 100
+    # Grad-CAM proper on request; the PNG differs from the default (HiResCAM) one.
+    r = runner.invoke(
+        app, ["explain", str(run), str(img), "--out", str(tmp_path / "gc"), "--method", "gradcam"]
+    )
+    assert r.exit_code == 0, r.output
+    gc, hires = (np.asarray(Image.open(tmp_path / d / "red.0_gradcam.png")) for d in ("gc", "ex"))
+    assert gc.shape == hires.shape and (gc != hires).any()
+    r = runner.invoke(
+        app, ["explain", str(run), str(img), "--out", str(tmp_path / "x"), "--method", "cam++"]
+    )
+    assert isinstance(r.exception, transferlab.TransferlabError)
+    assert "unknown CAM method 'cam++'" in str(r.exception)
 
     out = tmp_path / "conv.png"
     r = runner.invoke(

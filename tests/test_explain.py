@@ -108,26 +108,42 @@ def test_normalize_matches_formula_and_validates() -> None:
 
 
 @pytest.mark.parametrize(
-    ("arch", "expected"),
+    ("arch", "last", "stride16"),
     [
-        ("mobilenetv2_100", "bn2"),  # conv_head + BN + ReLU6, after feature_info's blocks.6
-        ("resnet18", "layer4"),
-        ("efficientnet_b0", "bn2"),
-        ("convnext_atto", "stages.3"),
+        ("mobilenetv2_100", "bn2", "blocks.4"),  # bn2: conv_head + BN + ReLU6, after blocks.6
+        ("resnet18", "layer4", "layer3"),
+        ("efficientnet_b0", "bn2", "blocks.4"),
+        ("convnext_atto", "stages.3", "stages.2"),
     ],
 )
-def test_find_target_layer_timm(arch: str, expected: str) -> None:
+def test_find_target_layer_timm(arch: str, last: str, stride16: str) -> None:
     model = _timm(arch)
-    name, module = find_target_layer(model, (SIZE, SIZE))
-    assert name == expected
-    assert module is model.get_submodule(expected)
-    # It is the map the classifier pools: channel count == the pooled feature width.
     out = {}
-    h = module.register_forward_hook(lambda m, i, o: out.setdefault("y", o))
-    with torch.no_grad():
-        model(torch.zeros(1, 3, SIZE, SIZE))
-    h.remove()
-    assert out["y"].ndim == 4 and out["y"].shape[1] == model.num_features
+
+    def output_of(module: nn.Module) -> torch.Tensor:
+        out.clear()
+        h = module.register_forward_hook(lambda m, i, o: out.setdefault("y", o))
+        with torch.no_grad():
+            model(torch.zeros(1, 3, SIZE, SIZE))
+        h.remove()
+        return out["y"]
+
+    name, module = find_target_layer(model, (SIZE, SIZE), max_stride=None)
+    assert name == last
+    assert module is model.get_submodule(last)
+    # It is the map the classifier pools: channel count == the pooled feature width.
+    y = output_of(module)
+    assert y.ndim == 4 and y.shape[1] == model.num_features
+    # The default: the deepest stage at stride 16, twice the last stage's resolution.
+    name, module = find_target_layer(model, (SIZE, SIZE))
+    assert name == stride16
+    assert (
+        output_of(module).shape[-2:]
+        == (SIZE // 16, SIZE // 16)
+        == tuple(2 * d for d in y.shape[-2:])
+    )
+    # max_stride=32 admits the last stage again.
+    assert find_target_layer(model, (SIZE, SIZE), max_stride=32)[0] == last
 
 
 def test_find_target_layer_sequential_and_wrapped_body() -> None:
@@ -136,7 +152,8 @@ def test_find_target_layer_sequential_and_wrapped_body() -> None:
     assert name == "6" and isinstance(module, nn.ReLU)  # last activation before the pool
     body = timm.create_model("mobilenetv2_100", pretrained=False, num_classes=0)
     net = ClassifierNet(body, nn.Linear(body.num_features, 2)).eval()
-    assert find_target_layer(net, (SIZE, SIZE))[0] == "body.bn2"
+    assert find_target_layer(net, (SIZE, SIZE), max_stride=None)[0] == "body.bn2"
+    assert find_target_layer(net, (SIZE, SIZE))[0] == "body.blocks.4"
     assert _no_hooks(seq) and _no_hooks(net)
 
 
@@ -156,9 +173,9 @@ def test_grad_cam_shape_range_and_classes(mnv2: nn.Module, images_u8: np.ndarray
     assert fixed.tolist() == [2, 2, 2]
     _, per = grad_cam(mnv2, x, target_class=[0, 1, 2])
     assert per.tolist() == [0, 1, 2]
-    # Explicit layer (name or module) == automatic choice.
-    by_name, _ = grad_cam(mnv2, x, target_layer="bn2")
-    by_module, _ = grad_cam(mnv2, x, target_layer=mnv2.bn2)
+    # Explicit layer (name or module) and method == automatic choice.
+    by_name, _ = grad_cam(mnv2, x, target_layer="blocks.4", method="hirescam")
+    by_module, _ = grad_cam(mnv2, x, target_layer=mnv2.blocks[4])
     np.testing.assert_allclose(by_name, cams, atol=1e-5)
     np.testing.assert_allclose(by_module, cams, atol=1e-5)
     early, _ = grad_cam(mnv2, x, target_layer="blocks.2")
@@ -283,8 +300,10 @@ def test_hirescam_localises_a_crop_that_grad_cam_averages_away() -> None:
     x = torch.rand(4, 3, 32, 32)
     hires, _ = grad_cam(model, x, target_class=1, method="hirescam")
     assert (_left_mass(hires) > 0.95).all()
-    plain, _ = grad_cam(model, x, target_class=1)
+    plain, _ = grad_cam(model, x, target_class=1, method="gradcam")
     assert (np.abs(_left_mass(plain) - 0.5) < 0.15).all()
+    default, _ = grad_cam(model, x, target_class=1)  # HiResCAM is the default
+    np.testing.assert_array_equal(default, hires)
 
 
 # ---------------------------------------------------------------- overlays and PNGs

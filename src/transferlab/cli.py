@@ -344,10 +344,13 @@ def explain(
     images: list[Path] = typer.Argument(..., help="Images to explain."),
     out: Path = typer.Option(Path("explain"), help="Folder for the PNG files."),
     target_class: str | None = typer.Option(None, help="Class to explain (default: predicted)."),
-    layer: str | None = typer.Option(None, help="Target layer name (default: last conv stage)."),
+    layer: str | None = typer.Option(
+        None, help="Target layer name (default: the last stage at stride 16, e.g. 14x14)."
+    ),
+    method: str = typer.Option("hirescam", help="hirescam | gradcam"),
     maps: bool = typer.Option(True, help="Also feature maps, bottleneck vector and filters."),
 ) -> None:
-    """Grad-CAM overlays; feature maps at early/middle/late stages; first-layer filters."""
+    """Class activation maps (HiResCAM/Grad-CAM); feature maps; bottleneck; first-layer filters."""
     import transferlab
     from transferlab.data.images import load_image
     from transferlab.evaluation import explain as ex
@@ -358,7 +361,7 @@ def explain(
     net = clf.net.eval()
     written = ex.save_explanations(
         net, arrays, images, clf.classes, pre.mean, pre.std, out,
-        target_class=target_class, target_layer=layer, input_size=pre.input_size,
+        target_class=target_class, target_layer=layer, method=method, input_size=pre.input_size,
     )  # fmt: skip
     if maps:
         for path, arr in zip(images, arrays, strict=True):

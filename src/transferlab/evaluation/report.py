@@ -902,8 +902,10 @@ def _gradcam_section(ctx: _Context, n: int) -> str:
             f"<figcaption>{cap}</figcaption></figure>"
         )
     return (
-        f"<p>Image | Grad-CAM of the predicted class on the last convolutional stage "
-        f"(<code>{_e(layer)}</code>; red = most evidence), for the {len(wrong)} worst mistakes "
+        f"<p>Image | class activation map (HiResCAM, the gradient &times; activation variant "
+        f"of Grad-CAM) of the predicted class at <code>{_e(layer)}</code>, the last stage at "
+        f"stride &le; {explain.DEFAULT_CAM_STRIDE} (red = most evidence), for the "
+        f"{len(wrong)} worst mistakes "
         f"and the {len(chosen) - len(wrong)} most confident correct {name} images. A model that is "
         "right for the wrong reason looks at the background.</p>"
         f"<div class=gallery>{''.join(figs)}</div>"
