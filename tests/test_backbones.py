@@ -21,6 +21,7 @@ from transferlab.backbones import (
     list_backbones,
     stage_modules,
 )
+from transferlab.data.images import DECODE_VERSION
 from transferlab.errors import TransferlabError
 
 TINY_ARCH = "mobilenetv2_050"
@@ -92,7 +93,8 @@ def test_plain_path_is_local_dir_and_identity_ignores_spelling(tiny_dir, monkeyp
 def test_identity_changes_with_weights_preprocess_and_architecture(tiny_dir, tmp_path):
     base = create_backbone(f"local-dir:{tiny_dir}")
     ident = base.identity()
-    assert ident == f"{base.spec}|{base.weights_hash}|{base.preprocess.key()}"
+    assert ident.startswith(f"{base.spec}|{base.weights_hash}|{base.preprocess.key()}|arch-")
+    assert ident.endswith(f"|decode-{DECODE_VERSION}")
     short = base.identity_hash()
     assert short.startswith("tiny_mnv2-") and re.fullmatch(r"[\w.-]+", short)  # filename-safe
     pp = base.preprocess
@@ -112,6 +114,22 @@ def test_identity_changes_with_weights_preprocess_and_architecture(tiny_dir, tmp
     # Other weights in the same folder (different content) -> different hash and identity.
     other = make_local_dir(tmp_path / "other", seed=1)
     assert create_backbone(str(other)).identity() != ident
+
+    # Same weights file, but config.json's model_args change the network: other features, so
+    # another identity (the weights hash alone would serve the avg-pool features from cache).
+    maxpool = make_local_dir(tmp_path / "maxpool", seed=0)
+    config = json.loads((maxpool / "config.json").read_text())
+    (maxpool / "config.json").write_text(
+        json.dumps({**config, "model_args": {"global_pool": "max"}})
+    )
+    mp = create_backbone(str(maxpool))
+    assert mp.weights_hash == base.weights_hash and mp.preprocess.key() == pp.key()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert not torch.allclose(mp.model(x), base.model(x))
+    # (the folder differs too: compare with the avg-pool network under the same spec)
+    assert dataclasses.replace(base, spec=mp.spec).identity() != mp.identity()
+    assert create_backbone(str(maxpool)).identity() == mp.identity()  # and it is stable
 
 
 def test_random_init_identity_tracks_the_actual_weights():

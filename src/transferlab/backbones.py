@@ -26,6 +26,7 @@ import timm
 import torch
 from torch import nn
 
+from transferlab.data.images import DECODE_VERSION
 from transferlab.errors import TransferlabError
 from transferlab.preprocess import Preprocess
 
@@ -72,13 +73,20 @@ class Backbone:
     pretrained: bool
 
     def identity(self) -> str:
-        """``spec|weights_hash|preprocess key``: what the features depend on.
+        """``spec|weights_hash|preprocess key|arch-…|decode-N``: what the features depend on.
 
         The feature-cache namespace and the export cache key. ``create_backbone`` canonicalises
         ``spec`` (absolute ``local-dir:`` path), so two spellings of one folder share it;
         a loaded model rebuilds its Backbone from model.json, so it finds the same entries.
+        ``arch`` hashes the module tree's repr: a local-dir config.json whose ``model_args``
+        change the network (e.g. ``global_pool: max``) with the same weights file must miss.
+        ``decode`` is :data:`~transferlab.data.images.DECODE_VERSION`.
         """
-        return f"{self.spec}|{self.weights_hash}|{self.preprocess.key()}"
+        arch = hashlib.sha256(repr(self.model).encode()).hexdigest()[:12]
+        return (
+            f"{self.spec}|{self.weights_hash}|{self.preprocess.key()}"
+            f"|arch-{arch}|decode-{DECODE_VERSION}"
+        )
 
     def identity_hash(self) -> str:
         """Filename-safe short form of :meth:`identity`: ``<model name>-<sha256 prefix>``."""

@@ -23,6 +23,7 @@ from transferlab.errors import ImageError, TransferlabError
 from transferlab.preprocess import Preprocess
 
 __all__ = [
+    "DECODE_VERSION",
     "IMAGE_EXTENSIONS",
     "MAX_PIXELS",
     "bytes_digest",
@@ -30,6 +31,11 @@ __all__ = [
     "load_image",
     "open_rgb",
 ]
+
+#: Bump whenever open_rgb/load_image change the pixels a model sees (resampling, EXIF, colour
+#: conversion, draft decoding): it is part of every feature-cache key, so cached features of the
+#: old pixels are never served for the new ones.
+DECODE_VERSION = 1
 
 #: Pillow's own default decompression-bomb limit; images with more pixels are refused unless the
 #: caller raises ``max_pixels`` (the CLI's ``--max-pixels``).
