@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from transferlab.errors import ImageError, TransferlabError
+from transferlab.runtime import Uint8Input
 
 if TYPE_CHECKING:
     from transferlab.api import Classifier
@@ -65,7 +66,7 @@ _NOISE_IMAGES = 3
 Log = Callable[[str], None]
 
 
-class ExportedModel(nn.Module):
+class ExportedModel(Uint8Input):
     """uint8 RGB (n, 3, H, W) → class probabilities (n, C): what the exported file computes."""
 
     def __init__(
@@ -75,18 +76,11 @@ class ExportedModel(nn.Module):
         std: tuple[float, ...],
         temperature: float = 1.0,
     ) -> None:
-        super().__init__()
-        self.net = net
-        m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-        # (x/255 - mean)/std folded into one multiply-add, exactly as the feature runtime does.
-        self.register_buffer("scale", 1.0 / (255.0 * s), persistent=False)
-        self.register_buffer("shift", -m / s, persistent=False)
+        super().__init__(net, mean, std)
         self.temperature = float(temperature)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.to(torch.float32) * self.scale + self.shift
-        logits = self.net(x)
+        logits = super().forward(images)
         if self.temperature != 1.0:  # a constant in the graph; skipped when it changes nothing
             logits = logits / self.temperature
         return torch.softmax(logits, dim=1)

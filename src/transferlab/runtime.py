@@ -72,8 +72,12 @@ class FeatureRuntime(Protocol):
 # the exported function
 
 
-class _FeatureWrapper(nn.Module):
-    """uint8 NCHW -> float -> normalize -> backbone -> pooled features."""
+class Uint8Input(nn.Module):
+    """uint8 NCHW -> float -> normalize -> ``model``: what exported files take as input.
+
+    The feature runtime wraps the backbone (-> pooled features); ``transferlab export`` wraps
+    the whole classifier (:class:`transferlab.export.ExportedModel`, -> probabilities).
+    """
 
     def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         super().__init__()
@@ -89,9 +93,9 @@ class _FeatureWrapper(nn.Module):
         return self.model(x)
 
 
-def _wrapper(backbone: Backbone) -> _FeatureWrapper:
+def _wrapper(backbone: Backbone) -> Uint8Input:
     pp = backbone.preprocess
-    return _FeatureWrapper(backbone.model, pp.mean, pp.std)
+    return Uint8Input(backbone.model, pp.mean, pp.std)
 
 
 @contextlib.contextmanager
