@@ -72,3 +72,20 @@ def test_fit_evaluate_predict_round_trip(tmp_path):
     assert len(rows) == 1 and rows[0]["label1"] == "red"
     assert abs(float(rows[0]["prob1"]) + float(rows[0]["prob2"]) - 1) < 1e-4
     assert "broken.jpg" in r.stderr and "1 unreadable" in r.stderr
+
+
+def test_command_options_are_config_fields() -> None:
+    """fit/ladder/lr-find build FitConfig from their options by name: a renamed option must fail
+    here instead of being dropped silently."""
+    import dataclasses
+    import inspect
+
+    from transferlab.cli import fit, ladder, lr_find
+    from transferlab.config import FitConfig
+
+    fields = {f.name for f in dataclasses.fields(FitConfig)}
+    own = {fit: {"data", "out"}, lr_find: {"data", "out"}}
+    own[ladder] = {"data", "out", "rungs", "seeds", "quick"}
+    for command, extra in own.items():
+        assert set(inspect.signature(command).parameters) - extra <= fields, command.__name__
+    assert set(inspect.signature(fit).parameters) - own[fit] == fields  # fit exposes them all

@@ -129,47 +129,13 @@ def fit(
     max_pixels: int = typer.Option(89_478_485, help="Refuse larger images (bomb guard)."),
 ) -> None:
     """Train on DATA and evaluate on its val/test splits; writes OUT/ (model, metrics.json)."""
+    # every option but DATA and OUT is a FitConfig field of the same name
+    cfg = FitConfig.from_dict(
+        {**locals(), "devices": int(devices) if devices.isdigit() else devices}
+    )
     import transferlab
     from transferlab.api import is_rank_zero
 
-    cfg = FitConfig(
-        backbone=backbone,
-        pretrained=pretrained,
-        strategy=strategy,
-        head=head,
-        seed=seed,
-        class_weight=class_weight,
-        label_regex=label_regex,
-        val_fraction=val_fraction,
-        test_fraction=test_fraction,
-        strict=strict,
-        engine=engine,
-        cache_dir=cache_dir,
-        batch_size=batch_size,
-        workers=workers,
-        epochs=epochs,
-        lr=lr,
-        augment=augment,
-        unfreeze=unfreeze,
-        lr_mult=lr_mult,
-        bn=bn,
-        max_time=max_time,
-        resume=resume,
-        optimizer=optimizer,
-        schedule=schedule,
-        warmup_epochs=warmup_epochs,
-        weight_decay=weight_decay,
-        label_smoothing=label_smoothing,
-        patience=patience,
-        gradual=gradual,
-        image_size=image_size,
-        accelerator=accelerator,
-        devices=int(devices) if devices.isdigit() else devices,
-        dist_strategy=dist_strategy,
-        precision=precision,
-        deterministic=deterministic,
-        max_pixels=max_pixels,
-    )
     clf = transferlab.fit(data, out=out, config=cfg)
     if not is_rank_zero():
         return  # rank 0 reports; the others trained alongside it
@@ -277,14 +243,7 @@ def ladder(
     """The tutorial's comparison: scratch CNNs vs frozen features vs fine-tuning, same splits."""
     from transferlab.ladder import ladder as run_ladder
 
-    cfg = FitConfig(
-        backbone=backbone,
-        seed=seed,
-        cache_dir=cache_dir,
-        workers=workers,
-        accelerator=accelerator,
-        precision=precision,
-    )
+    cfg = FitConfig.from_dict(locals())  # the options that are FitConfig fields
     names = [r.strip() for r in rungs.split(",")] if rungs else None
     report = run_ladder(data, out=out, rungs=names, seeds=seeds, quick=quick, config=cfg)
     out_console.print((out / "ladder.md").read_text(), highlight=False, soft_wrap=True)
@@ -311,9 +270,7 @@ def lr_find(
     from transferlab.api import prepare_data
     from transferlab.lr_find import lr_find_strategy
 
-    cfg = FitConfig(
-        backbone=backbone, strategy=strategy, unfreeze=unfreeze, seed=seed, cache_dir=cache_dir
-    ).validate()
+    cfg = FitConfig.from_dict(locals()).validate()
     result = lr_find_strategy(prepare_data(data, cfg).context(cfg, out.parent), out)
     for name, lr in result["suggestions"].items():
         out_console.print(f"{name:>8}: {'–' if lr is None else f'{lr:.2e}'}")
