@@ -181,6 +181,49 @@ def shared_mnv2(tmp_path_factory) -> tuple[Backbone, Path]:
     return create_backbone(f"local-dir:{SHARED_MNV2}"), tmp_path_factory.mktemp("exports")
 
 
+_OUT_OF_ORDER = """
+import gc, os, signal, sys
+import numpy as np, timm, torch
+from pathlib import Path
+from transferlab.backbones import Backbone
+from transferlab.preprocess import Preprocess
+from transferlab.runtime import make_runtime
+
+torch.manual_seed(0)
+m = timm.create_model("mobilenetv2_050", pretrained=False, num_classes=0).eval()
+pre = Preprocess(input_size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3)
+bb = Backbone("mobilenetv2_050", m, pre, m.num_features, "random-init-test", False)
+x = np.zeros((2, 3, 32, 32), np.uint8)
+a = make_runtime(bb, engine="openvino", export_dir=Path(sys.argv[1]))
+b = make_runtime(bb, engine="openvino", export_dir=Path(sys.argv[1]))
+assert a.engine == b.engine == "openvino"
+a(x), b(x)
+del a; gc.collect()
+del b; gc.collect()
+ran = []
+signal.signal(signal.SIGUSR2, lambda *_: ran.append(1))
+os.kill(os.getpid(), signal.SIGUSR2)  # a handled signal, like SIGCHLD from a decode worker
+print("handled" if ran else "not handled")
+"""
+
+
+@pytest.mark.skipif(not HAS_OPENVINO, reason="openvino not installed")
+def test_openvino_models_freed_out_of_order_keep_signals_deliverable(tmp_path):
+    # OpenVINO swaps the compiling thread's signal stack and restores a freed one when models
+    # die out of order; the next handled signal then killed the process (SIGSEGV, see
+    # runtime.keep_signal_stack). Run in a child: the failure mode is a crash.
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-c", _OUT_OF_ORDER, str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, f"exit {r.returncode}: {r.stderr[-2000:]}"
+    assert r.stdout.strip().endswith("handled")
+    assert "not handled" not in r.stdout
+
+
 @pytest.mark.shared
 @pytest.mark.parametrize("engine", ENGINES[1:])
 def test_shared_mobilenetv2_engines_match_torch(shared_mnv2, engine):

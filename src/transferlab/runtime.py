@@ -255,7 +255,8 @@ class OpenVinoRuntime(_Runtime):
         # INFERENCE_PRECISION_HINT=f32 is essential: on CPUs with AVX-512 BF16/AMX OpenVINO
         # otherwise silently runs bf16 (2x faster here, but features off by ~0.5).
         config = {"INFERENCE_NUM_THREADS": int(threads), "INFERENCE_PRECISION_HINT": "f32"}
-        self._compiled = core.compile_model(model, "CPU", config)
+        with keep_signal_stack():
+            self._compiled = core.compile_model(model, "CPU", config)
         self._request = self._compiled.create_infer_request()
         self._lock = threading.Lock()  # one infer request: serialize concurrent callers
         self.threads = threads
@@ -265,6 +266,46 @@ class OpenVinoRuntime(_Runtime):
             self._request.infer({0: images})
             # Copy: the output tensor's memory belongs to the request and is reused next call.
             return np.array(self._request.get_output_tensor(0).data, dtype=np.float32, copy=True)
+
+
+class _StackT(ctypes.Structure):  # C's stack_t
+    _fields_ = [
+        ("ss_sp", ctypes.c_void_p),
+        ("ss_flags", ctypes.c_int),
+        ("ss_size", ctypes.c_size_t),
+    ]
+
+
+@contextlib.contextmanager
+def keep_signal_stack() -> Iterator[None]:
+    """Put this thread's alternate signal stack back as it was when the block ends.
+
+    OpenVINO's CPU plugin (2026.4) installs a stack of its own in the thread that compiles a
+    model and, when the model is freed, re-installs the one it found. Two models freed out of
+    order (A, B compiled; A freed, then B) leave A's unmapped stack installed; the next signal
+    with a Python handler (SIGCHLD from a decode worker) then cannot be delivered and the
+    process dies with SIGSEGV (si_code SI_KERNEL) far from any OpenVINO call. With the caller's
+    stack restored right after compiling, every model saves and restores that same valid one.
+    Linux only; elsewhere, or if libc refuses, a no-op.
+    """
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        sigaltstack = libc.sigaltstack
+    except (OSError, AttributeError):
+        yield
+        return
+    sigaltstack.argtypes = [ctypes.POINTER(_StackT), ctypes.POINTER(_StackT)]
+    sigaltstack.restype = ctypes.c_int
+    saved = _StackT()
+    ok = sigaltstack(None, ctypes.byref(saved)) == 0
+    try:
+        yield
+    finally:
+        if ok:
+            sigaltstack(ctypes.byref(saved), None)
 
 
 # --------------------------------------------------------------------------------------------
