@@ -18,6 +18,8 @@ import hashlib
 import json
 import os
 import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,22 @@ class ClassifierNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the block (BN running statistics, no dropout), then each module's own flag.
+
+    Restoring per module (not ``model.train(was_training)``) keeps deliberate mixes intact, e.g.
+    a training model whose frozen BatchNorms stay in eval mode.
+    """
+    saved = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
 
 
 def build_body(recipe: dict[str, Any]) -> nn.Module:

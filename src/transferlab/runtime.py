@@ -34,6 +34,7 @@ from transferlab.backbones import Backbone
 from transferlab.cache import FeatureCache
 from transferlab.config import ENGINES  # one vocabulary, validated by FitConfig
 from transferlab.errors import TransferlabError
+from transferlab.model import eval_mode
 
 __all__ = [
     "ENGINES",
@@ -98,19 +99,6 @@ def _wrapper(backbone: Backbone) -> Uint8Input:
     return Uint8Input(backbone.model, pp.mean, pp.std)
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the duration (BN must use its running statistics in features), then restore
-    each module's own flag, so calling this mid-training leaves the caller's model as it was."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, was_training in flags:
-            m.training = was_training
-
-
 def export_onnx(backbone: Backbone, path: Path) -> float:
     """Export the uint8 feature wrapper to ``path`` atomically; returns the seconds it took.
 
@@ -129,7 +117,7 @@ def export_onnx(backbone: Backbone, path: Path) -> float:
     try:
         with (
             warnings.catch_warnings(),
-            _eval_mode(backbone.model),
+            eval_mode(backbone.model),
             torch.inference_mode(False),
             torch.no_grad(),
         ):
@@ -422,7 +410,7 @@ def _reference_batch(backbone: Backbone) -> tuple[np.ndarray, np.ndarray]:
     h, w = backbone.preprocess.input_size
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(_PARITY_BATCH, 3, h, w), dtype=np.uint8)
-    with _eval_mode(backbone.model), torch.inference_mode():
+    with eval_mode(backbone.model), torch.inference_mode():
         ref = _wrapper(backbone)(torch.from_numpy(images)).float().numpy()
     return images, ref
 

@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -34,6 +33,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from transferlab.errors import TransferlabError
+from transferlab.model import eval_mode
 
 __all__ = [
     "KERNELS",
@@ -125,22 +125,6 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run in eval mode (BN running stats, no dropout), then restore every module's own flag.
-
-    Restoring per module (not ``model.train(was_training)``) keeps deliberate mixes intact, e.g.
-    a training model whose frozen BatchNorms are kept in eval mode.
-    """
-    saved = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in saved:
-            m.training = flag
-
-
 # --------------------------------------------------------------------------------------
 # Which layer to explain
 # --------------------------------------------------------------------------------------
@@ -180,7 +164,7 @@ def _trace(model: nn.Module, input_size: tuple[int, int]) -> list[_Record]:
             if name and not isinstance(module, nn.Identity):
                 handles.append(module.register_forward_hook(make_hook(name)))
         x = torch.zeros(1, 3, *input_size, device=device, dtype=dtype)
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             try:
                 model(x)
             except RuntimeError as e:  # e.g. Flatten + Linear sized for another resolution
@@ -400,7 +384,7 @@ def _cam_impl(
 
     # inference_mode(False)/enable_grad: callers often sit inside torch.no_grad() or
     # inference_mode() (prediction code); Grad-CAM needs a graph regardless.
-    with _eval_mode(model), torch.inference_mode(False), torch.enable_grad():
+    with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
         x = images.detach().to(device=device, dtype=dtype).clone()
         handle = layer.register_forward_hook(hook)
         try:
@@ -694,7 +678,7 @@ def feature_maps(
     device, dtype = _model_device_dtype(model)
     handles = [m.register_forward_hook(make_hook(n)) for n, m in modules.items()]
     try:
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(image.detach().to(device=device, dtype=dtype))
     finally:
         for h in handles:
@@ -758,7 +742,7 @@ def bottleneck_vector(model: nn.Module, image: torch.Tensor) -> np.ndarray:
         raise TransferlabError("bottleneck_vector takes one normalized image tensor (1, 3, H, W)")
     device, dtype = _model_device_dtype(model)
     x = image.detach().to(device=device, dtype=dtype)
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         body = getattr(model, "body", None)
         if isinstance(body, nn.Module):
             feats = body(x)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from transferlab.config import FitConfig
-from transferlab.model import ClassifierNet
+from transferlab.model import ClassifierNet, timm_body_recipe
 from transferlab.preprocess import Preprocess
 
 if TYPE_CHECKING:
@@ -89,6 +89,18 @@ class StrategyResult:
     # features); when absent, evaluation runs the saved model on the images.
     probs: dict[str, np.ndarray] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)  # timings, trainable params, epochs
+
+
+def body_record(backbone: Backbone, *, frozen: bool) -> dict[str, Any]:
+    """model.json's body entry: spec and recipe to rebuild it; for a body used as it is, also
+    its weights hash (a trained body gets the digest of its new weights after training)."""
+    body: dict[str, Any] = {
+        "spec": backbone.spec,
+        "recipe": timm_body_recipe(backbone.spec, backbone.model),
+    }
+    if frozen:
+        body.update(weights_hash=backbone.weights_hash, trained=False)
+    return body
 
 
 def _features(ctx: StrategyContext) -> StrategyResult:

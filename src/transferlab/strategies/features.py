@@ -13,9 +13,9 @@ import numpy as np
 
 from transferlab.errors import TransferlabError
 from transferlab.heads import FittedHead, fit_head
-from transferlab.model import ClassifierNet, timm_body_recipe
+from transferlab.model import ClassifierNet
 from transferlab.progress import progress
-from transferlab.strategies import Split, StrategyContext, StrategyResult
+from transferlab.strategies import Split, StrategyContext, StrategyResult, body_record
 
 
 def split_features(ctx: StrategyContext, split: Split, name: str) -> np.ndarray:
@@ -71,12 +71,7 @@ def run(ctx: StrategyContext) -> StrategyResult:
     return StrategyResult(
         net=net,
         preprocess=backbone.preprocess,
-        body={
-            "spec": backbone.spec,
-            "weights_hash": backbone.weights_hash,
-            "recipe": timm_body_recipe(backbone.spec, backbone.model),
-            "trained": False,
-        },
+        body=body_record(backbone, frozen=True),
         head=fitted.spec,
         history=fitted.history,
         probs=probs,

@@ -24,8 +24,8 @@ import time
 from transferlab.config import FitConfig
 from transferlab.engine import Stage, TrainSetup, body_stages, run_setup
 from transferlab.errors import TransferlabError
-from transferlab.model import ClassifierNet, timm_body_recipe
-from transferlab.strategies import StrategyContext, StrategyResult
+from transferlab.model import ClassifierNet
+from transferlab.strategies import StrategyContext, StrategyResult, body_record
 from transferlab.strategies.features import fit_head_on_features
 
 __all__ = ["DEFAULT_AUGMENT", "DEFAULT_EPOCHS", "DEFAULT_LR", "parse_unfreeze", "prepare", "run"]
@@ -87,7 +87,7 @@ def prepare(ctx: StrategyContext) -> TrainSetup:
         preprocess=backbone.preprocess,
         stages=stages,
         augment=DEFAULT_AUGMENT if cfg.augment is None else cfg.augment,
-        body={"spec": backbone.spec, "recipe": timm_body_recipe(backbone.spec, backbone.model)},
+        body=body_record(backbone, frozen=False),
         head=fitted.spec,
         info={
             "phase1_s": phase1_s,

@@ -40,9 +40,9 @@ from transferlab.augment import build_transform, draft_size
 from transferlab.data.dataset import ImageDataset, collate, raise_if_failed
 from transferlab.engine import HISTORY_CSV, class_weights, lr_factor, write_history
 from transferlab.heads import build_head
-from transferlab.model import ClassifierNet, timm_body_recipe
+from transferlab.model import ClassifierNet
 from transferlab.progress import info, progress
-from transferlab.strategies import Split, StrategyContext, StrategyResult
+from transferlab.strategies import Split, StrategyContext, StrategyResult, body_record
 from transferlab.strategies.features import split_features
 
 __all__ = [
@@ -290,12 +290,7 @@ def run(ctx: StrategyContext) -> StrategyResult:
     return StrategyResult(
         net=ClassifierNet(backbone.model, head).eval(),
         preprocess=backbone.preprocess,
-        body={
-            "spec": backbone.spec,
-            "weights_hash": backbone.weights_hash,
-            "recipe": timm_body_recipe(backbone.spec, backbone.model),
-            "trained": False,
-        },
+        body=body_record(backbone, frozen=True),
         head=spec,
         history=history,
         probs=probs,

@@ -44,11 +44,10 @@ from torch import nn
 
 from transferlab.engine import Stage, TrainSetup, run_setup
 from transferlab.heads import build_head
-from transferlab.model import timm_body_recipe
 from transferlab.preprocess import Preprocess
 from transferlab.progress import info
 from transferlab.scratch import build_scratch_body, scratch_recipe
-from transferlab.strategies import StrategyContext, StrategyResult
+from transferlab.strategies import StrategyContext, StrategyResult, body_record
 
 __all__ = [
     "DEFAULT_IMAGE_SIZE",
@@ -148,7 +147,7 @@ def prepare_timm(ctx: StrategyContext) -> TrainSetup:
         preprocess=preprocess,
         stages=[_stage(ctx, "scratch-timm", DEFAULT_LR)],
         augment="light" if cfg.augment is None else cfg.augment,
-        body={"spec": backbone.spec, "recipe": timm_body_recipe(backbone.spec, backbone.model)},
+        body=body_record(backbone, frozen=False),
         head=spec,
         monitor=MONITOR,
         min_epochs=MIN_EPOCHS,
