@@ -251,6 +251,29 @@ def test_hub_weights_already_cached_work_offline(tmp_path, monkeypatch):
     assert info.name == "mobilenetv2_050.lamb_in1k" and info.offline
 
 
+def test_weights_loaded_from_an_unknown_place_are_hashed_by_content(tmp_path, monkeypatch):
+    """If the downloaded file can't be located, the identity hashes the loaded tensors (a tag
+    name would keep serving old cached features after the hub's weights change)."""
+    import huggingface_hub.constants
+
+    repo = tmp_path / "hf" / "models--timm--mobilenetv2_050.lamb_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    weights = repo / "snapshots" / "abc123" / "model.safetensors"
+    weights.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    model = timm.create_model(TINY_ARCH, pretrained=False)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(backbones, "_hub_weights_hash", lambda cfg: None)
+
+    a, b = create_backbone(TINY_ARCH), create_backbone(TINY_ARCH)
+    assert a.weights_hash.startswith("loaded-") and a.weights_hash == b.weights_hash
+    changed = {k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    save_file({k: v.contiguous() for k, v in changed.items()}, weights)
+    assert create_backbone(TINY_ARCH).weights_hash != a.weights_hash
+
+
 def test_list_backbones_marks_local_dirs_offline(tiny_dir, monkeypatch, tmp_path):
     infos = list_backbones("mobilenetv2", weights_dirs=[tiny_dir.parent])
     assert all(isinstance(i, BackboneInfo) for i in infos)

@@ -28,6 +28,7 @@ from torch import nn
 
 from transferlab.data.images import DECODE_VERSION
 from transferlab.errors import TransferlabError
+from transferlab.model import state_digest
 from transferlab.preprocess import Preprocess
 
 __all__ = [
@@ -209,7 +210,7 @@ def _create_hub(spec: str, *, pretrained: bool) -> Backbone:
     model = _timm_create(spec, pretrained=pretrained)
     cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
     if pretrained:
-        weights_hash = _hub_weights_hash(cfg) or f"tag:{spec}"
+        weights_hash = _hub_weights_hash(cfg) or _loaded_weights_hash(model)
     else:
         weights_hash = _random_init_hash(model)
     return _finish(spec, model, pretrained, weights_hash)
@@ -241,7 +242,7 @@ def _create_registry(spec: str, *, pretrained: bool) -> Backbone:
         # Name the weights actually loaded ('resnet18' -> 'resnet18.a1_in1k'): one identity
         # for both spellings, and a saved model records exactly which tag it was built on.
         spec = f"{arch}.{mcfg.get('tag') or tag}" if (mcfg.get("tag") or tag) else arch
-        weights_hash = _hub_weights_hash(mcfg) or f"tag:{spec}"
+        weights_hash = _hub_weights_hash(mcfg) or _loaded_weights_hash(model)
     else:
         weights_hash = _random_init_hash(model)
     return _finish(spec, model, pretrained, weights_hash)
@@ -349,12 +350,13 @@ def _random_init_hash(model: nn.Module) -> str:
     A constant "random-init" would let two different random models share cached features and
     exports; hashing the tensors keeps them apart (and lets a seeded init hit the cache).
     """
-    h = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return f"random-init-{h.hexdigest()[:32]}"
+    return f"random-init-{state_digest(model)[:32]}"
+
+
+def _loaded_weights_hash(model: nn.Module) -> str:
+    """When the downloaded file can't be found in a local cache, hash what was loaded: a tag
+    name alone would keep serving cached features after the hub's weights change."""
+    return f"loaded-{state_digest(model)[:32]}"
 
 
 def _hub_weights_hash(cfg: dict[str, Any]) -> str | None:

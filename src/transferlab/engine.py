@@ -67,7 +67,7 @@ from transferlab.augment import PRESETS, build_transform, draft_size
 from transferlab.config import BN_POLICIES, OPTIMIZERS, SCHEDULES, FitConfig
 from transferlab.data.dataset import ImageDataset, collate, raise_if_failed
 from transferlab.errors import TransferlabError
-from transferlab.model import ClassifierNet, state_digest
+from transferlab.model import ClassifierNet, state_digest, tensors_digest
 from transferlab.preprocess import Preprocess
 from transferlab.progress import info, progress
 from transferlab.runtime import tune_glibc_malloc
@@ -480,15 +480,6 @@ def _recalibration_batches(
 # checkpoints
 
 
-def _weights_digest(state: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
 
@@ -533,7 +524,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"{path}: checkpoint version {ckpt.get('version')} or layout is not supported by this "
             f"transferlab (expects version {CKPT_VERSION})"
         )
-    if _weights_digest(ckpt["model"]) != ckpt["digest"]:
+    if tensors_digest(ckpt["model"]) != ckpt["digest"]:
         raise TransferlabError(
             f"{path}: checkpoint weights do not match their checksum (corrupt file); "
             "delete it and start again without --resume"
@@ -1014,7 +1005,7 @@ class _Trainer:
         if self.rank != 0:
             return
         model = _cpu_state(self.net)
-        digest = _weights_digest(model)
+        digest = tensors_digest(model)
         common = {
             "format": CKPT_FORMAT,
             "version": CKPT_VERSION,
@@ -1030,7 +1021,7 @@ class _Trainer:
             _atomic_torch_save(best, self.ckpt_dir / BEST_CKPT)
         if plan is None:  # end of run: last.ckpt is already current, best.ckpt holds the result
             best_state = self.best_state or model
-            final = {**common, "model": best_state, "digest": _weights_digest(best_state)}
+            final = {**common, "model": best_state, "digest": tensors_digest(best_state)}
             _atomic_torch_save({**final, "plan": {}, "optimizer": {}}, self.ckpt_dir / BEST_CKPT)
             return
         last = {

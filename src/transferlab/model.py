@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import platform
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,14 +96,19 @@ def timm_body_recipe(spec: str, model: nn.Module) -> dict[str, Any]:
     return {"kind": "timm", "architecture": arch, "model_args": model_args}
 
 
-def state_digest(module: nn.Module) -> str:
-    """A content hash of a module's weights (names, shapes and bytes), for cache identities."""
+def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of named tensors (names, dtypes, shapes and raw bytes; any dtype, bf16 too)."""
     h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
+
+
+def state_digest(module: nn.Module) -> str:
+    """A content hash of a module's weights, for cache identities and checkpoints."""
+    return tensors_digest(module.state_dict())
 
 
 def library_versions() -> dict[str, str]:
