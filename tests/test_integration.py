@@ -54,3 +54,77 @@ def test_saved_model_predicts_real_photos_like_the_fitted_one(cache_dir, tmp_pat
     assert len(preds) == 300
     acc = sum(p["label"] in p["path"].split("/")[-1] for p in preds) / len(preds)
     assert acc >= 0.97
+
+
+def test_temperature_scaling_on_real_features(cache_dir, tmp_path):
+    """The MLP head is overconfident: a temperature fitted on val lowers *test* ECE. The default
+    linear head's L2 is chosen on val log loss, so it is calibrated already (T close to 1)."""
+    from transferlab.cli_see import evaluate_run
+
+    data = SHARED / "datasets" / "cats_vs_dogs_small"
+    temperatures = {}
+    for head in ("mlp", "linear"):
+        run = tmp_path / head
+        transferlab.fit(data, backbone=MOBILENETV2, cache_dir=cache_dir, out=run, head=head)
+        cal = evaluate_run(run, data, split="test", calibrate=True)["calibration"]
+        temperatures[head] = cal["temperature"]
+        if head == "mlp":
+            assert cal["test"]["ece_after"] < cal["test"]["ece_before"], cal
+            assert cal["test"]["nll_after"] < cal["test"]["nll_before"], cal
+    assert temperatures["mlp"] > 1.5
+    assert abs(temperatures["linear"] - 1.0) < 0.1
+
+
+def test_default_cam_passes_the_deletion_test(cache_dir):
+    """Blanking the 20% most-attributed pixels (default CAM: HiResCAM, last stride-16 stage)
+    lowers p(predicted class) more than blanking 20% random pixels, and more than blanking the
+    top pixels of a random backbone's CAM (benchmarks/gradcam_deletion.py has every variant)."""
+    import numpy as np
+    import torch
+
+    from transferlab.data.images import load_image
+    from transferlab.evaluation.explain import grad_cam, normalize
+
+    data = SHARED / "datasets" / "cats_vs_dogs_small"
+    trained = transferlab.fit(data, backbone=MOBILENETV2, cache_dir=cache_dir)
+    rand = transferlab.fit(data, backbone=MOBILENETV2, cache_dir=cache_dir, pretrained=False)
+    pre = trained.saved.preprocess
+    rng = np.random.default_rng(0)
+    paths = [
+        p
+        for c in trained.classes
+        for p in rng.permutation(sorted((data / "test" / c).glob("*.jpg")))[:50]
+    ]
+    x = normalize(np.stack([load_image(p, pre) for p in paths]), pre.mean, pre.std)
+    net, rnet = trained.net.eval(), rand.net.eval()
+
+    def p_of(images: torch.Tensor, cls: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            z = torch.cat([net(images[i : i + 25]) for i in range(0, len(images), 25)])
+        return torch.softmax(z, 1)[torch.arange(len(z)), torch.as_tensor(cls)].numpy()
+
+    def top(maps: np.ndarray) -> torch.Tensor:  # the 20% highest pixels, ties broken at random
+        flat = (maps + rng.random(maps.shape, dtype=np.float32) * 1e-6).reshape(len(maps), -1)
+        k = round(0.2 * flat.shape[1])
+        mask = np.zeros(flat.shape, dtype=bool)
+        np.put_along_axis(mask, np.argpartition(-flat, k - 1, axis=1)[:, :k], True, axis=1)
+        return torch.from_numpy(mask.reshape(maps.shape))[:, None]
+
+    def cams(model: torch.nn.Module, cls: np.ndarray) -> np.ndarray:  # default layer, method
+        return np.concatenate(
+            [grad_cam(model, x[i : i + 25], target_class=cls[i : i + 25])[0]
+             for i in range(0, len(x), 25)]
+        )  # fmt: skip
+
+    with torch.inference_mode():
+        cls = torch.cat([net(x[i : i + 25]) for i in range(0, len(x), 25)]).argmax(1).numpy()
+    before = p_of(x, cls)
+
+    def drop(mask: torch.Tensor) -> float:
+        return float((before - p_of(x.masked_fill(mask, 0.0), cls)).mean())
+
+    cam_drop = drop(top(cams(net, cls)))
+    random_drop = drop(top(np.zeros((len(x), *x.shape[-2:]), np.float32)))
+    random_backbone_drop = drop(top(cams(rnet, cls)))
+    assert cam_drop > random_drop > 0, (cam_drop, random_drop)
+    assert cam_drop > random_backbone_drop, (cam_drop, random_backbone_drop)
