@@ -41,7 +41,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +62,7 @@ __all__ = [
     "Standardize",
     "build_head",
     "fit_head",
+    "train_epochs",
 ]
 
 HEADS: tuple[str, ...] = ("linear", "mlp")
@@ -525,52 +527,103 @@ def _fit_mlp(
         torch.manual_seed(seed)
         head = build_head(spec)
         net = head.net
-        gen = torch.Generator().manual_seed(seed)
         opt = torch.optim.AdamW(net.parameters(), lr=spec["lr"], weight_decay=spec["weight_decay"])
-        history: list[dict] = []
-        best_loss, best_epoch, best_state, bad = math.inf, -1, None, 0
-        n = len(xt)
-        for epoch in range(max_epochs):
-            net.train()
-            perm = torch.randperm(n, generator=gen)
-            loss_sum, correct = 0.0, 0
-            for start in range(0, n, batch_size):
-                idx = perm[start : start + batch_size]
-                logits = net(xt[idx])
-                loss = _weighted_ce(logits, yt[idx], wt)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                # running (dropout-on) statistics: free, and what every training log shows
-                loss_sum += float(loss.detach()) * len(idx)
-                correct += int((logits.argmax(1) == yt[idx]).sum())
-            row: dict[str, Any] = {
-                "epoch": epoch + 1,
-                "train_loss": loss_sum / n,
-                "train_acc": correct / n,
-                "val_loss": None,
-                "val_acc": None,
-            }
-            if xv is not None:
-                row["val_loss"], row["val_acc"] = _evaluate(net, xv, yv, wt)
-            history.append(row)
-            if xv is None:
-                continue
-            if row["val_loss"] < best_loss - spec["min_delta"]:
-                best_loss, best_epoch, bad = row["val_loss"], epoch + 1, 0
-                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-            else:
-                bad += 1
-                if bad >= patience:
-                    break
+        history, best_state, best_epoch = train_epochs(
+            net,
+            lambda: xt,
+            yt,
+            lambda logits, y: _weighted_ce(logits, y, wt),
+            opt,
+            batch_size=batch_size,
+            max_epochs=max_epochs,
+            generator=torch.Generator().manual_seed(seed),
+            validate=None if xv is None else lambda: _evaluate(net, xv, yv, wt),
+            patience=patience,
+            min_delta=spec["min_delta"],
+        )
     if best_state is not None:
         net.load_state_dict(best_state)
     spec.update(
         epochs_run=len(history),
-        best_epoch=best_epoch if best_state is not None else len(history),
+        best_epoch=best_epoch or len(history),
         early_stopped=xv is not None and len(history) < max_epochs,
     )
     return head, history
+
+
+def train_epochs(
+    net: nn.Module,
+    inputs: Callable[[], torch.Tensor],
+    y: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    opt: torch.optim.Optimizer,
+    *,
+    batch_size: int,
+    max_epochs: int,
+    generator: torch.Generator,
+    validate: Callable[[], tuple[float, float]] | None = None,
+    patience: int | None = None,
+    min_delta: float = 0.0,
+    snapshot: nn.Module | None = None,
+    set_lr: Callable[[int], float] | None = None,
+    timed: bool = False,
+) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor] | None, int | None]:
+    """Mini-batch training of a small network on in-memory features, early stopping on val loss.
+
+    Every epoch ``inputs()`` gives its (n, d) rows (the same tensor, or one augmented view per
+    image for the frozen strategy) and ``generator`` shuffles them. ``set_lr(step)`` runs before
+    each step (a schedule) and returns the LR. ``validate()`` -> (val loss, val accuracy) after
+    each epoch; an epoch whose val loss beats the best by more than ``min_delta`` snapshots
+    ``snapshot`` (default ``net``), and ``patience`` epochs without one stop training. Returns
+    (one history row per epoch, the best snapshot or None, its epoch or None); rows get the
+    epoch's wall time as ``seconds`` when ``timed`` (off where histories must be reproducible).
+    """
+    snapshot = net if snapshot is None else snapshot
+    history: list[dict[str, Any]] = []
+    best_loss, best, best_epoch, bad, step = math.inf, None, None, 0, 0
+    n = len(y)
+    for epoch in range(1, max_epochs + 1):
+        t0 = time.perf_counter()
+        net.train()
+        x = inputs()
+        perm = torch.randperm(n, generator=generator)
+        loss_sum, correct = 0.0, 0
+        for start in range(0, n, batch_size):
+            idx = perm[start : start + batch_size]
+            if set_lr is not None:
+                set_lr(step)
+            logits = net(x[idx])
+            loss = loss_fn(logits, y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            # running (dropout-on) statistics: free, and what every training log shows
+            loss_sum += float(loss.detach()) * len(idx)
+            correct += int((logits.argmax(1) == y[idx]).sum())
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": loss_sum / n,
+            "train_acc": correct / n,
+            "val_loss": None,
+            "val_acc": None,
+            "lr": opt.param_groups[0]["lr"],
+        }
+        if validate is not None:
+            row["val_loss"], row["val_acc"] = validate()
+        if timed:
+            row["seconds"] = time.perf_counter() - t0
+        history.append(row)
+        if validate is None:
+            continue
+        if row["val_loss"] < best_loss - min_delta:
+            best_loss, best_epoch, bad = row["val_loss"], epoch, 0
+            best = {k: v.detach().clone() for k, v in snapshot.state_dict().items()}
+        else:
+            bad += 1
+            if patience is not None and bad >= patience:
+                break
+    return history, best, best_epoch
 
 
 def _evaluate(

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader
 from transferlab.augment import build_transform, draft_size
 from transferlab.data.dataset import ImageDataset, collate, raise_if_failed
 from transferlab.engine import HISTORY_CSV, class_weights, lr_factor, write_history
-from transferlab.heads import build_head
+from transferlab.heads import build_head, train_epochs
 from transferlab.model import ClassifierNet
 from transferlab.progress import info, progress
 from transferlab.strategies import Split, StrategyContext, StrategyResult, body_record
@@ -190,60 +190,38 @@ def _fit(
     # standardize once up front (the same float32 arithmetic as the head's own buffers), then
     # train the inner net: no per-step normalisation of the same rows
     feats = head.standardize(torch.from_numpy(views))
-    labels = torch.from_numpy(y.astype(np.int64))
-    net = head.net
     crit = nn.CrossEntropyLoss(
         weight=class_weights(y, len(ctx.classes), cfg.class_weight),
         label_smoothing=cfg.label_smoothing,
     )
     lr = DEFAULT_LR if cfg.lr is None else cfg.lr
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=cfg.weight_decay)
-    base_lr = opt.param_groups[0]["lr"]
+    opt = torch.optim.AdamW(head.net.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
-    history: list[dict] = []
-    best_loss, best, wait, step = math.inf, None, 0, 0
-    for epoch in range(1, epochs + 1):
-        t0 = time.perf_counter()
-        net.train()
-        pick = torch.randint(k, (n,), generator=gen)  # one view per image this epoch
-        x_epoch = feats[pick, torch.arange(n)]
-        order = torch.randperm(n, generator=gen)
-        loss_sum = correct = 0.0
-        for s in range(0, n, cfg.batch_size):
-            idx = order[s : s + cfg.batch_size]
-            for g in opt.param_groups:
-                g["lr"] = base_lr * lr_factor(cfg.schedule, step, epochs * steps, warmup)
-            logits = net(x_epoch[idx])
-            loss = crit(logits, labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            loss_sum += float(loss.detach()) * len(idx)
-            correct += float((logits.argmax(1) == labels[idx]).sum())
-        row = {
-            "epoch": epoch,
-            "stage": "head",
-            "train_loss": loss_sum / n,
-            "train_acc": correct / n,
-            "val_loss": None,
-            "val_acc": None,
-            "lr": opt.param_groups[0]["lr"],
-        }
-        if x_val is not None:
-            row["val_loss"], row["val_acc"] = _evaluate(head, x_val, y_val)
-        row["seconds"] = time.perf_counter() - t0
-        history.append(row)
-        if x_val is None:
-            continue
-        if row["val_loss"] < best_loss:
-            best_loss, wait = row["val_loss"], 0
-            best = {key: v.detach().clone() for key, v in head.state_dict().items()}
-        else:
-            wait += 1
-            if cfg.patience is not None and wait >= cfg.patience:
-                break
-    return history, best
+
+    def one_view_per_image() -> torch.Tensor:
+        return feats[torch.randint(k, (n,), generator=gen), torch.arange(n)]
+
+    def set_lr(step: int) -> float:
+        for g in opt.param_groups:
+            g["lr"] = lr * lr_factor(cfg.schedule, step, epochs * steps, warmup)
+        return opt.param_groups[0]["lr"]
+
+    history, best, _ = train_epochs(
+        head.net,
+        one_view_per_image,
+        torch.from_numpy(y.astype(np.int64)),
+        crit,
+        opt,
+        batch_size=cfg.batch_size,
+        max_epochs=epochs,
+        generator=gen,
+        validate=None if x_val is None else lambda: _evaluate(head, x_val, y_val),
+        patience=cfg.patience,
+        snapshot=head,
+        set_lr=set_lr,
+        timed=True,
+    )
+    return [{"epoch": r["epoch"], "stage": "head", **r} for r in history], best
 
 
 @torch.inference_mode()
