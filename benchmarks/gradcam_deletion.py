@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         blocks = [f"body.blocks.{i}" for i in range(len(net.body.blocks))]
         sizes = feature_maps(net, x[:1], stages=blocks)
         layers = [b for b in blocks if sizes[b].shape[1] <= h // 16 and b != default]
-    layers = [*layers, default, last]
+    layers = list(dict.fromkeys([*layers, default, last]))  # a model at stride 16: default == last
     grids = {k: v.shape[1:] for k, v in feature_maps(net, x[:1], stages=layers).items()}
 
     random = drop(top_mask(np.zeros((n, h, w), np.float32), args.fraction, rng))

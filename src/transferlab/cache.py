@@ -5,8 +5,9 @@ Layout under the cache root::
     features/<namespace>/<digest[:2]>/<digest>.feat   one entry per image
     exports/<backbone identity>.onnx                  written by transferlab.runtime
 
-The namespace comes from the backbone identity (architecture, weights hash, preprocessing), and the
-key inside it is the image's content digest, so changing any of those simply misses.
+The namespace comes from the backbone identity (spec, weights hash, preprocessing, network
+structure, decode version: ``Backbone.identity``), and the key inside it is the image's content
+digest, so changing any of those simply misses.
 
 Entry format (no pickle anywhere; little-endian)::
 

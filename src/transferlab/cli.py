@@ -241,9 +241,9 @@ def ladder(
     precision: str = typer.Option("32-true", help="32-true | bf16-mixed | 16-mixed"),
 ) -> None:
     """The tutorial's comparison: scratch CNNs vs frozen features vs fine-tuning, same splits."""
+    cfg = FitConfig.from_dict(locals())  # the options that are FitConfig fields (before any import)
     from transferlab.ladder import ladder as run_ladder
 
-    cfg = FitConfig.from_dict(locals())  # the options that are FitConfig fields
     names = [r.strip() for r in rungs.split(",")] if rungs else None
     report = run_ladder(data, out=out, rungs=names, seeds=seeds, quick=quick, config=cfg)
     out_console.print((out / "ladder.md").read_text(), highlight=False, soft_wrap=True)
@@ -267,10 +267,10 @@ def lr_find(
     cache_dir: str | None = typer.Option(None),
 ) -> None:
     """LR range test on the network the strategy would train; the model is restored after."""
+    cfg = FitConfig.from_dict(locals()).validate()  # before any import adds a local
     from transferlab.api import prepare_data
     from transferlab.lr_find import lr_find_strategy
 
-    cfg = FitConfig.from_dict(locals()).validate()
     result = lr_find_strategy(prepare_data(data, cfg).context(cfg, out.parent), out)
     for name, lr in result["suggestions"].items():
         out_console.print(f"{name:>8}: {'–' if lr is None else f'{lr:.2e}'}")

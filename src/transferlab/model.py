@@ -7,9 +7,9 @@ A saved model is a folder of plain files, loadable without executing code:
                         folder or hub it was trained from; ~9 MB for MobileNetV2)
     head.safetensors    the head's weights
 
-The body's *identity* (spec + weights hash + preprocessing) is recorded too: an untouched
-pretrained body keeps the identity of the weights it came from, so features cached at training
-time are reused by ``evaluate``/``predict`` after loading.
+The body's *identity* (spec + weights hash + preprocessing; see ``Backbone.identity``) is
+recorded: an untouched pretrained body keeps the identity of the weights it came from, so
+features cached at training time are reused by ``evaluate``/``predict`` after loading.
 """
 
 from __future__ import annotations

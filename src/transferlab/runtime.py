@@ -273,15 +273,16 @@ def keep_signal_stack() -> Iterator[None]:
     order (A, B compiled; A freed, then B) leave A's unmapped stack installed; the next signal
     with a Python handler (SIGCHLD from a decode worker) then cannot be delivered and the
     process dies with SIGSEGV (si_code SI_KERNEL) far from any OpenVINO call. With the caller's
-    stack restored right after compiling, every model saves and restores that same valid one.
-    Linux only; elsewhere, or if libc refuses, a no-op.
+    stack restored right after compiling, every model compiled in a thread saves and restores
+    that thread's own valid stack (a model freed in another thread installs the compiling
+    thread's saved stack there: valid memory, or "disabled"). Linux only; elsewhere, or if libc
+    refuses, a no-op.
     """
     if not sys.platform.startswith("linux"):
         yield
         return
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        sigaltstack = libc.sigaltstack
+        sigaltstack = ctypes.CDLL(None).sigaltstack
     except (OSError, AttributeError):
         yield
         return

@@ -399,7 +399,9 @@ def build_report(
         rep.add("suspects", "Possible label errors (training set)", lambda: _suspects(ctx, top_k))
     if gradcam > 0:
         rep.add(
-            "gradcam", "Grad-CAM: where the model looks", lambda: _gradcam_section(ctx, gradcam)
+            "gradcam",
+            "Class activation maps: where the model looks",
+            lambda: _gradcam_section(ctx, gradcam),
         )
 
     try:
@@ -898,13 +900,13 @@ def _gradcam_section(ctx: _Context, n: int) -> str:
             f"<span class=muted>{_e(Path(split.paths[i]).name)}</span>"
         )
         figs.append(
-            f"<figure>{_img(_jpeg(np.asarray(img)), 'image/jpeg', 'Grad-CAM ' + src.name)}"
+            f"<figure>{_img(_jpeg(np.asarray(img)), 'image/jpeg', 'CAM ' + src.name)}"
             f"<figcaption>{cap}</figcaption></figure>"
         )
     return (
         f"<p>Image | class activation map (HiResCAM, the gradient &times; activation variant "
-        f"of Grad-CAM) of the predicted class at <code>{_e(layer)}</code>, the last stage at "
-        f"stride &le; {explain.DEFAULT_CAM_STRIDE} (red = most evidence), for the "
+        f"of Grad-CAM) of the predicted class at <code>{_e(layer)}</code> (for a CNN the last "
+        f"stage at stride &le; {explain.DEFAULT_CAM_STRIDE}; red = most evidence), for the "
         f"{len(wrong)} worst mistakes "
         f"and the {len(chosen) - len(wrong)} most confident correct {name} images. A model that is "
         "right for the wrong reason looks at the background.</p>"
