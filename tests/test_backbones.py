@@ -274,6 +274,35 @@ def test_weights_loaded_from_an_unknown_place_are_hashed_by_content(tmp_path, mo
     assert create_backbone(TINY_ARCH).weights_hash != a.weights_hash
 
 
+def test_hub_model_args_survive_save_and_load(tmp_path, monkeypatch):
+    """An hf-hub config.json's model_args shape the network timm builds; the saved recipe must
+    carry them, or the body rebuilt at load time is another network."""
+    import huggingface_hub.constants
+
+    from transferlab.model import build_body, timm_body_recipe
+
+    repo = tmp_path / "hf" / "models--someone--maxpool-mnv2"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    snap = repo / "snapshots" / "abc123"
+    make_local_dir(snap)  # config.json + model.safetensors, as a hub repo holds them
+    config = json.loads((snap / "config.json").read_text())
+    config["model_args"] = {"global_pool": "max"}
+    (snap / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(backbones, "_can_reach", lambda *a, **k: pytest.fail("probed the net"))
+
+    bb = create_backbone("hf-hub:someone/maxpool-mnv2")
+    recipe = timm_body_recipe(bb.spec, bb.model)
+    assert recipe["model_args"] == {"global_pool": "max"}
+    rebuilt = build_body(recipe).eval()
+    rebuilt.load_state_dict(bb.model.state_dict())
+    assert repr(rebuilt) == repr(bb.model)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(x), bb.model(x))
+
+
 def test_list_backbones_marks_local_dirs_offline(tiny_dir, monkeypatch, tmp_path):
     infos = list_backbones("mobilenetv2", weights_dirs=[tiny_dir.parent])
     assert all(isinstance(i, BackboneInfo) for i in infos)

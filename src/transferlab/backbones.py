@@ -201,9 +201,9 @@ def _create_hub(spec: str, *, pretrained: bool) -> Backbone:
     if not repo_id:
         raise TransferlabError(f"--backbone {spec!r} names no repo: write hf-hub:OWNER/NAME")
     repo_only = repo_id.split("@")[0]
-    need_net = _cached_hub_file(repo_only, ("config.json",)) is None or (
+    need_net = cached_hub_file(repo_only, ("config.json",)) is None or (
         pretrained
-        and _cached_hub_file(repo_only, ("model.safetensors", "pytorch_model.bin")) is None
+        and cached_hub_file(repo_only, ("model.safetensors", "pytorch_model.bin")) is None
     )
     if need_net:
         _require_network(spec, _hub_host())
@@ -372,7 +372,7 @@ def _cached_weights_file(cfg: dict[str, Any]) -> Path | None:
     if hub_id:
         names = [cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else []
         names += ["model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"]
-        found = _cached_hub_file(str(hub_id).split("@")[0], names)
+        found = cached_hub_file(str(hub_id).split("@")[0], names)
         if found is not None:
             return found
     url = cfg.get("url")
@@ -383,7 +383,8 @@ def _cached_weights_file(cfg: dict[str, Any]) -> Path | None:
     return None
 
 
-def _cached_hub_file(repo_id: str, filenames: Sequence[str]) -> Path | None:
+def cached_hub_file(repo_id: str, filenames: Sequence[str]) -> Path | None:
+    """The first of ``filenames`` already in the local Hugging Face cache for ``repo_id``."""
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
