@@ -146,6 +146,33 @@ def test_find_target_layer_timm(arch: str, last: str, stride16: str) -> None:
     assert find_target_layer(model, (SIZE, SIZE), max_stride=32)[0] == last
 
 
+@pytest.mark.parametrize(
+    ("arch", "kwargs", "size", "message"),
+    [
+        ("vit_tiny_patch16_224", {"img_size": 64}, 64, "works on tokens"),
+        ("swin_tiny_patch4_window7_224", {}, 224, "channels-last"),
+    ],
+)
+def test_transformers_are_refused_not_mis_explained(arch, kwargs, size, message) -> None:
+    """A ViT's only (n, C, h, w) map is its patch stem; Swin's stages are channels-last. A CAM
+    of either would look plausible and mean nothing: refuse with a clear error."""
+    torch.manual_seed(0)
+    model = timm.create_model(arch, pretrained=False, num_classes=2, **kwargs).eval()
+    with pytest.raises(TransferlabError, match=message):
+        find_target_layer(model, (size, size))
+    with pytest.raises(TransferlabError, match=message):
+        grad_cam(model, torch.rand(1, 3, size, size))
+
+
+def test_hybrid_conv_transformer_keeps_its_conv_stage() -> None:
+    # MobileViT runs token blocks inside its later stages but its stage outputs are conv maps.
+    model = _timm("mobilevit_xxs")
+    name, _ = find_target_layer(model, (SIZE, SIZE))
+    assert name == "stages.3"
+    cams, _ = grad_cam(model, torch.rand(1, 3, SIZE, SIZE))
+    assert cams.shape == (1, SIZE, SIZE)
+
+
 def test_find_target_layer_sequential_and_wrapped_body() -> None:
     seq = _small_cnn()
     name, module = find_target_layer(seq, (32, 32))

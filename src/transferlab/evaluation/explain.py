@@ -179,23 +179,27 @@ def _trace(model: nn.Module, input_size: tuple[int, int]) -> list[_Record]:
     return records
 
 
-def _timm_feature_info(model: nn.Module) -> list[tuple[str, int]]:
-    """(module name relative to ``model``, reduction) of the outermost timm ``feature_info``."""
+def _timm_feature_info(model: nn.Module) -> list[tuple[str, int, int]]:
+    """(module name relative to ``model``, reduction, channels) of the outermost timm
+    ``feature_info``."""
     for prefix, module in model.named_modules():
         info = getattr(module, "feature_info", None)
         if not info:
             continue
         try:
-            entries = [(str(e["module"]), int(e.get("reduction", 0))) for e in info]
+            entries = [
+                (str(e["module"]), int(e.get("reduction", 0)), int(e.get("num_chs", 0)))
+                for e in info
+            ]
         except (TypeError, KeyError, ValueError):
             continue
-        full = [(f"{prefix}.{n}" if prefix else n, r) for n, r in entries]
-        return [(n, r) for n, r in full if _has_submodule(model, n)]
+        full = [(f"{prefix}.{n}" if prefix else n, r, c) for n, r, c in entries]
+        return [(n, r, c) for n, r, c in full if _has_submodule(model, n)]
     return []
 
 
 def _timm_feature_modules(model: nn.Module) -> list[str]:
-    return [name for name, _ in _timm_feature_info(model)]
+    return [name for name, _, _ in _timm_feature_info(model)]
 
 
 def _has_submodule(model: nn.Module, name: str) -> bool:
@@ -263,18 +267,48 @@ def find_target_layer(
             f"{size[0]}x{size[1]} input; pass target_layer= explicitly"
         )
     info = _timm_feature_info(model)
-    if max_stride is not None and any(r > max_stride for _, r in info):
+    stages: list[_Record] = []
+    if max_stride is not None and any(r > max_stride for _, r, _ in info):
         # Stage outputs come from feature_info: a stride test on every traced module would
         # also accept the next stage's 1x1 expansion conv, which runs before its downsampling.
-        names = {n for n, r in info if 0 < r <= max_stride}
+        names = {n for n, r, _ in info if 0 < r <= max_stride}
         stages = [r for r in spatial if r.name in names]
-        if stages:
-            return stages[-1].name, stages[-1].module
-    last = spatial[-1]
-    same = [r for r in spatial if r.output is last.output]
-    preferred = {name for name, _ in info}
-    chosen = next((r for r in reversed(same) if r.name in preferred), last)
+    if stages:
+        chosen = stages[-1]
+    else:
+        last = spatial[-1]
+        same = [r for r in spatial if r.output is last.output]
+        preferred = {name for name, _, _ in info}
+        chosen = next((r for r in reversed(same) if r.name in preferred), last)
+    _refuse_non_convolutional(model, chosen, records, info)
     return chosen.name, chosen.module
+
+
+def _refuse_non_convolutional(
+    model: nn.Module, chosen: _Record, records: list[_Record], info: list[tuple[str, int, int]]
+) -> None:
+    """CAMs here read (n, C, h, w) maps. A transformer's only such map is its patch stem (then
+    tokens); Swin-like stages are channels-last. Either would give a plausible-looking, wrong
+    heatmap, so say so instead."""
+    name = type(model).__name__
+    channels = {n: c for n, _, c in info}.get(chosen.name, 0)
+    shape = tuple(chosen.output.shape)
+    if channels and shape[1] != channels and shape[-1] == channels:
+        raise TransferlabError(
+            f"{name}: {chosen.name!r} returns channels-last maps {shape} (a Swin-like model); "
+            "class activation maps need (n, C, h, w). Pass target_layer= a channels-first module"
+        )
+    # Hybrids (MobileViT, EfficientFormer) run token blocks between conv stages: fine. A model
+    # whose every later output is tokens has turned into a transformer after this map (its stem).
+    later = [
+        r.output.ndim for r in records[next(i for i, r in enumerate(records) if r is chosen) + 1 :]
+    ]
+    if 3 in later and 4 not in later:
+        raise TransferlabError(
+            f"{name}: the last (n, C, h, w) map is {chosen.name!r}, after which the model works "
+            "on tokens (a vision transformer?); class activation maps need a convolutional "
+            "feature map. Pass target_layer= a module with an (n, C, h, w) output if it has one"
+        )
 
 
 def _resolve_layer(
