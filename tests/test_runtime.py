@@ -27,7 +27,7 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 @pytest.fixture(autouse=True)
 def _isolated_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("TRANSFERLAB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(runtime, "_available_cpus", lambda: 1)  # default engine threads
+    monkeypatch.setattr(runtime, "available_cpus", lambda: 1)  # default engine threads
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from transferlab.data.discover import DatasetIndex, discover, find_cross_split_d
 from transferlab.data.scan import scan_files
 from transferlab.errors import TransferlabError
 from transferlab.evaluation.metrics import classification_report
-from transferlab.model import SavedModel
+from transferlab.model import SavedModel, atomic_write_text
 from transferlab.progress import progress, warn
 from transferlab.strategies import STRATEGIES, Split, StrategyContext
 
@@ -374,9 +374,7 @@ def load(path: str | os.PathLike) -> Classifier:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default))
 
 
 def _json_default(o: Any) -> Any:

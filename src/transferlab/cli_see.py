@@ -48,9 +48,9 @@ def _update_metrics(run: Path, updates: dict[str, Any]) -> None:
     path = run / "metrics.json"
     metrics = json.loads(path.read_text()) if path.is_file() else {}
     metrics.update(updates)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(metrics, indent=2))
-    os.replace(tmp, path)
+    from transferlab.model import atomic_write_text  # torch: not at CLI start-up
+
+    atomic_write_text(path, json.dumps(metrics, indent=2))
 
 
 def _same_data(run: Path, data: str | os.PathLike[str]) -> bool:

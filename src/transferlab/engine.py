@@ -67,7 +67,7 @@ from transferlab.augment import PRESETS, build_transform, draft_size
 from transferlab.config import BN_POLICIES, OPTIMIZERS, SCHEDULES, FitConfig
 from transferlab.data.dataset import ImageDataset, collate, raise_if_failed
 from transferlab.errors import TransferlabError
-from transferlab.model import ClassifierNet, state_digest, tensors_digest
+from transferlab.model import ClassifierNet, atomic_write_text, state_digest, tensors_digest
 from transferlab.preprocess import Preprocess
 from transferlab.progress import info, progress
 from transferlab.runtime import tune_glibc_malloc
@@ -710,9 +710,9 @@ def _seed_worker(worker_id: int) -> None:
 def _default_workers(config: FitConfig) -> int:
     if config.workers is not None:
         return max(0, int(config.workers))
-    from transferlab.data.loader import default_workers
+    from transferlab.data.loader import available_cpus
 
-    per_rank = max(1, default_workers() // max(1, _int_devices(config.devices)))
+    per_rank = max(1, available_cpus() // max(1, _int_devices(config.devices)))
     if config.accelerator in ("gpu", "cuda"):
         return max(1, min(8, per_rank - 1))  # the GPU outruns JPEG decoding: feed it
     # On CPU a JPEG decode costs a few % of a core next to a training step: one or two workers
@@ -1079,9 +1079,7 @@ def write_history(path: Path, history: list[dict]) -> None:
     writer.writeheader()
     for row in history:
         writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in HISTORY_FIELDS})
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
+    atomic_write_text(path, buf.getvalue())
 
 
 def _run(fabric: Any, net: ClassifierNet, job: _Job) -> _RunOutput:

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from transferlab.data.loader import available_cpus
 from transferlab.errors import ImageError, TransferlabError
 from transferlab.runtime import Uint8Input
 
@@ -118,7 +119,7 @@ def export_model(
     clf, run_dir = _classifier(run_or_classifier)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    n_threads = threads or _available_cpus()
+    n_threads = threads or available_cpus()
     images = _ImageSource(clf, run_dir, data)
     model = _exported_module(clf)
     meta = build_metadata(clf, fmt)
@@ -616,10 +617,3 @@ def _classifier(run: Any) -> tuple[Classifier, Path | None]:
     if isinstance(run, Classifier):
         return run, None
     return load(run), Path(run)
-
-
-def _available_cpus() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1

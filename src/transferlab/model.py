@@ -163,7 +163,7 @@ class SavedModel:
             "config": self.config,
             "versions": self.versions,
         }
-        _atomic_write_text(out / MODEL_FILE, json.dumps(meta, indent=2, default=str))
+        atomic_write_text(out / MODEL_FILE, json.dumps(meta, indent=2, default=str))
         return out
 
     @classmethod
@@ -219,7 +219,8 @@ def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file and a rename: a crash leaves the old file, never half a one."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)

@@ -33,6 +33,7 @@ from torch import nn
 from transferlab.backbones import Backbone
 from transferlab.cache import FeatureCache
 from transferlab.config import ENGINES  # one vocabulary, validated by FitConfig
+from transferlab.data.loader import available_cpus
 from transferlab.errors import TransferlabError
 from transferlab.model import eval_mode
 
@@ -320,7 +321,7 @@ def make_runtime(
     if engine not in ENGINES:
         raise TransferlabError(f"--engine {engine!r} is not one of: {', '.join(ENGINES)}")
     say: Log = log or (lambda _msg: None)
-    n_threads = threads or _available_cpus()
+    n_threads = threads or available_cpus()
     chain = _engine_chain(engine)
     onnx_path = Path(export_dir or FeatureCache().exports_dir) / f"{backbone.identity_hash()}.onnx"
 
@@ -435,14 +436,6 @@ def _importable(module: str) -> bool:
     if module not in _IMPORTABLE:
         _IMPORTABLE[module] = importlib.util.find_spec(module) is not None
     return _IMPORTABLE[module]
-
-
-def _available_cpus() -> int:
-    # sched_getaffinity honours taskset/cgroup cpusets where os.cpu_count() reports the host.
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def _max_diff(a: np.ndarray, b: np.ndarray) -> float:

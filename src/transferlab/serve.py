@@ -46,6 +46,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from transferlab.data.loader import available_cpus
 from transferlab.errors import ImageError, TransferlabError
 
 __all__ = ["MicroBatcher", "create_app", "run_server", "sniff_image"]
@@ -393,7 +394,7 @@ def create_app(
     batcher = MicroBatcher(engine.infer, max_batch=max_batch, wait_s=batch_wait_ms / 1000.0)
     # A thread semaphore (taken inside the decode thread): unlike asyncio's, it is not bound to
     # one event loop, and test clients may run each request on a fresh loop.
-    decode_slots = threading.BoundedSemaphore(decode_concurrency or _available_cpus())
+    decode_slots = threading.BoundedSemaphore(decode_concurrency or available_cpus())
     # Pillow warns (on several lines) between its own limits; ours is lower and answers with 413.
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     state: dict[str, Any] = {"engine": None}
@@ -662,13 +663,6 @@ def _model_info(
             "threshold": engine.threshold,
         },
     }
-
-
-def _available_cpus() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 # --------------------------------------------------------------------------------------------

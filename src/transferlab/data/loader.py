@@ -34,7 +34,7 @@ from transferlab.data.images import MAX_PIXELS, load_image
 from transferlab.errors import ImageError, TransferlabError
 from transferlab.preprocess import Preprocess
 
-__all__ = ["DecodedBatch", "default_workers", "iter_decoded"]
+__all__ = ["DecodedBatch", "available_cpus", "iter_decoded"]
 
 # (index of the first source, paths, preprocessing, pixel limit): one batch of work.
 _Job = tuple[int, list[str], Preprocess, int]
@@ -53,11 +53,11 @@ class DecodedBatch:
     failures: list[tuple[int, str]]  # (index into sources, reason)
 
 
-def default_workers() -> int:
+def available_cpus() -> int:
     """CPUs this process may run on (the affinity mask, which containers set, else cpu_count)."""
     try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not available on macOS/Windows
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not available on macOS/Windows
         return os.cpu_count() or 1
 
 
@@ -80,7 +80,7 @@ def iter_decoded(
         (start, [os.fspath(s) for s in sources[start : start + batch_size]], pre, max_pixels)
         for start in range(0, len(sources), batch_size)
     ]
-    n_workers = min(default_workers() if workers is None else workers, len(jobs))
+    n_workers = min(available_cpus() if workers is None else workers, len(jobs))
     if n_workers <= 0:
         for job in jobs:
             yield _decode_batch(job)

@@ -28,6 +28,7 @@ import numpy as np
 from transferlab.errors import TransferlabError
 from transferlab.evaluation import analysis, plots
 from transferlab.evaluation.metrics import expected_calibration_error, fit_temperature
+from transferlab.model import atomic_write_text
 from transferlab.progress import info
 
 if TYPE_CHECKING:
@@ -427,9 +428,7 @@ def build_report(
     seconds = time.perf_counter() - t0
     doc = _document(ctx, rep, lad, seconds)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + f".tmp{os.getpid()}")
-    tmp.write_text(doc, encoding="utf-8")
-    os.replace(tmp, out_path)
+    atomic_write_text(out_path, doc)
     mb = out_path.stat().st_size / 1e6
     seconds = time.perf_counter() - t0
     info(f"report: {out_path} ({mb:.2f} MB, built in {seconds:.1f} s)")
