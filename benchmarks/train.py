@@ -58,11 +58,11 @@ def main() -> None:
     from transferlab.backbones import create_backbone
     from transferlab.config import FitConfig
     from transferlab.data.dataset import ImageDataset, collate
+    from transferlab.data.prepared import Split
     from transferlab.engine import Stage, _default_workers, body_stages, train
     from transferlab.heads import build_head
     from transferlab.model import ClassifierNet
-    from transferlab.runtime import tune_glibc_malloc
-    from transferlab.strategies import Split
+    from transferlab.system import tune_glibc_malloc
 
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 import transferlab
+from transferlab.data.prepared import Split
 from transferlab.errors import TransferlabError
 from transferlab.evaluation import analysis
 from transferlab.evaluation.analysis import (
@@ -30,7 +31,6 @@ from transferlab.evaluation.analysis import (
     tta_probs,
 )
 from transferlab.evaluation.metrics import fit_temperature
-from transferlab.strategies import Split
 
 TINY = "mobilenetv2_035"
 COLOURS = {"blue": (90, 100, 160), "red": (160, 100, 90)}  # close: the classes overlap a bit

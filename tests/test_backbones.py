@@ -279,7 +279,8 @@ def test_hub_model_args_survive_save_and_load(tmp_path, monkeypatch):
     carry them, or the body rebuilt at load time is another network."""
     import huggingface_hub.constants
 
-    from transferlab.model import build_body, timm_body_recipe
+    from transferlab.backbones import timm_body_recipe
+    from transferlab.model import build_body
 
     repo = tmp_path / "hf" / "models--someone--maxpool-mnv2"
     (repo / "refs").mkdir(parents=True)

@@ -12,7 +12,7 @@ import torch
 
 from test_engine import PRE, evaluate, make_split, state_equal, tiny_config, tiny_net
 from transferlab.engine import Stage, load_checkpoint, train
-from transferlab.model import SavedModel
+from transferlab.runs import SavedModel
 
 
 @pytest.mark.slow

@@ -21,10 +21,12 @@ from torch.nn import functional as F
 
 from conftest import make_image
 from transferlab import engine
+from transferlab.api import feature_extractor
 from transferlab.augment import build_transform
 from transferlab.backbones import Backbone
 from transferlab.config import FitConfig
 from transferlab.data.images import file_digest, open_rgb
+from transferlab.data.prepared import Split
 from transferlab.engine import (
     Stage,
     StagePlan,
@@ -41,9 +43,10 @@ from transferlab.engine import (
 )
 from transferlab.errors import TransferlabError
 from transferlab.heads import build_head
-from transferlab.model import ClassifierNet, SavedModel
+from transferlab.model import ClassifierNet
 from transferlab.preprocess import Preprocess
-from transferlab.strategies import Split, StrategyContext
+from transferlab.runs import SavedModel
+from transferlab.strategies import STRATEGIES, StrategyContext
 
 ARCH = "test_efficientnet"
 PRE = Preprocess(input_size=(32, 32), crop_pct=1.0, mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -603,21 +606,19 @@ def _context(tmp_path: Path, data, **cfg) -> StrategyContext:
         pretrained=True,
     )
     config = tiny_config(engine="torch", cache_dir=str(tmp_path / "cache"), **cfg)
-    ctx = StrategyContext(["a", "b"], tr, va, va, config, tmp_path / "run")
-    ctx._backbone = backbone
+    ctx = StrategyContext(["a", "b"], tr, va, va, config, tmp_path / "run", backbone=backbone)
+    ctx.extractor = feature_extractor(backbone, config)
     return ctx
 
 
 def test_finetune_strategy_two_phases(data, tmp_path):
-    from transferlab.strategies import finetune
-
     ctx = _context(tmp_path, data, epochs=2, unfreeze="2", gradual=True, strategy="finetune")
-    shared_before = {k: v.clone() for k, v in ctx._backbone.model.state_dict().items()}
-    result = finetune.run(ctx)
+    shared_before = {k: v.clone() for k, v in ctx.backbone.model.state_dict().items()}
+    result = STRATEGIES["finetune"].run(ctx)
     assert [s["name"] for s in result.info["stages"]] == ["unfreeze-1", "unfreeze-2"]
     assert result.body["trained"] and result.info["epochs"] == 2
     assert result.body["recipe"]["architecture"] == ARCH
-    assert state_equal(shared_before, ctx._backbone.model.state_dict())  # the ladder's copy
+    assert state_equal(shared_before, ctx.backbone.model.state_dict())  # the ladder's copy
     saved = SavedModel(
         result.net, ["a", "b"], result.preprocess, result.body, result.head, "finetune"
     )
@@ -645,10 +646,8 @@ def test_frozen_strategy_caches_augmented_views(data, tmp_path):
 
 
 def test_scratch_strategy_result_round_trips(data, tmp_path):
-    from transferlab.strategies import scratch
-
     ctx = _context(tmp_path, data, epochs=1, image_size=64, strategy="scratch-basic")
-    result = scratch.run_basic(ctx)
+    result = STRATEGIES["scratch-basic"].run(ctx)
     assert result.body["recipe"] == {"kind": "scratch", "name": "basic", "input_size": [64, 64]}
     assert result.preprocess.input_size == (64, 64) and result.info["augment"] == "none"
     saved = SavedModel(result.net, ["a", "b"], result.preprocess, result.body, result.head, "s")

@@ -40,13 +40,16 @@ def make_run(out, data, *, size=64, cache_dir=None):
     import torch
 
     from transferlab.api import Classifier
+    from transferlab.backbones import timm_body_recipe
     from transferlab.config import FitConfig
     from transferlab.data.discover import discover
     from transferlab.data.images import load_image
     from transferlab.evaluation.metrics import classification_report
     from transferlab.heads import build_head
-    from transferlab.model import ClassifierNet, SavedModel, state_digest, timm_body_recipe
+    from transferlab.model import ClassifierNet
     from transferlab.preprocess import Preprocess
+    from transferlab.runs import SavedModel
+    from transferlab.storage import state_digest
 
     torch.manual_seed(0)
     body = timm.create_model(TINY, pretrained=False, num_classes=0).eval()

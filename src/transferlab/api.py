@@ -12,25 +12,24 @@ import os
 import random
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from transferlab.backbones import Backbone, create_backbone
+from transferlab.cache import FeatureCache
 from transferlab.config import FitConfig
-from transferlab.data.discover import DatasetIndex, discover, find_cross_split_duplicates
-from transferlab.data.scan import scan_files
+from transferlab.data.prepared import PreparedData, Split, prepare_data
 from transferlab.errors import TransferlabError
 from transferlab.evaluation.metrics import classification_report
-from transferlab.model import SavedModel, atomic_write_text
-from transferlab.progress import progress, warn
-from transferlab.strategies import STRATEGIES, Split, StrategyContext
-
-METRICS_FILE = "metrics.json"
-DATA_FILE = "data.json"
-HISTORY_FILE = "history.json"
+from transferlab.extract import FeatureExtractor
+from transferlab.progress import progress
+from transferlab.runs import DATA_FILE, HISTORY_FILE, METRICS_FILE, SavedModel
+from transferlab.storage import write_json
+from transferlab.strategies import STRATEGIES, StrategyContext
+from transferlab.system import is_rank_zero
 
 
 def seed_everything(seed: int) -> None:
@@ -39,97 +38,37 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-@dataclass
-class PreparedData:
-    """A discovered dataset whose files were all read, digested and decode-checked."""
-
-    index: DatasetIndex
-    splits: dict[str, Split]
-    skipped: list[tuple[str, str]]  # (path, reason)
-    duplicates: list[tuple[str, str]]  # same content in two splits: (path_a, path_b)
-
-    def context(self, config: FitConfig, out: Path) -> StrategyContext:
-        """What a strategy (or lr-find) needs: classes, the splits, the config, the run folder."""
-        return StrategyContext(
-            classes=self.index.classes,
-            train=self.splits["train"],
-            val=self.splits.get("val"),
-            test=self.splits.get("test"),
-            config=config,
-            out=out,
-        )
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "index": self.index.to_dict(),
-            "counts": {
-                name: {c: int((s.labels == i).sum()) for i, c in enumerate(self.index.classes)}
-                for name, s in self.splits.items()
-            },
-            "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
-            "cross_split_duplicates": [list(pair) for pair in self.duplicates],
-        }
-
-
-def prepare_data(data: str | os.PathLike, config: FitConfig) -> PreparedData:
-    """Discover the layout, then read every file once: unusable ones are reported and skipped
-    (or fail the run with ``strict``); the same picture in two splits is reported as leakage."""
-    index = discover(
-        data,
-        label_regex=config.label_regex,
-        val_fraction=config.val_fraction,
-        test_fraction=config.test_fraction,
-        seed=config.seed,
+def feature_extractor(backbone: Backbone, config: dict[str, Any] | FitConfig) -> FeatureExtractor:
+    """The backbone on its fastest runtime, with the feature cache that ``config`` names."""
+    cfg = config.to_dict() if isinstance(config, FitConfig) else config
+    cache_dir = cfg.get("cache_dir")
+    return FeatureExtractor(
+        backbone,
+        cache=FeatureCache(Path(cache_dir) if cache_dir else None),
+        engine=cfg.get("engine", "auto"),
+        batch_size=cfg.get("batch_size", 32),
+        workers=cfg.get("workers"),
+        max_pixels=cfg.get("max_pixels", 89_478_485),
     )
-    for problem in index.problems:
-        warn(problem)
-    samples = index.samples
-    with progress(len(samples), "checking images") as advance:
-        scan = scan_files(
-            [s.path for s in samples],
-            workers=config.workers,
-            max_pixels=config.max_pixels,
-            on_progress=advance,
-        )
-    bad = dict(scan.failures)
-    skipped = [(samples[i].path, reason) for i, reason in scan.failures]
-    if skipped:
-        lines = "\n".join(f"  {p}: {r}" for p, r in skipped[:20])
-        more = f"\n  … and {len(skipped) - 20} more" if len(skipped) > 20 else ""
-        if config.strict:
-            raise TransferlabError(
-                f"{len(skipped)} unusable image(s) (--strict):\n{lines}{more}\n"
-                "Fix or remove them, or run without --strict to skip them."
-            )
-        warn(f"skipped {len(skipped)} unusable image(s):\n{lines}{more}")
-    digests = {s.path: d for s, d in zip(samples, scan.digests, strict=True) if d is not None}
-    dup_pairs = find_cross_split_duplicates(
-        [s for i, s in enumerate(samples) if i not in bad], digests
+
+
+def strategy_context(prepared: PreparedData, config: FitConfig, out: Path) -> StrategyContext:
+    """What a strategy (or lr-find) gets: the splits, the config, the run folder, and for a
+    pretrained strategy the backbone and its extractor, built here once."""
+    ctx = StrategyContext(
+        classes=prepared.classes,
+        train=prepared.splits["train"],
+        val=prepared.splits.get("val"),
+        test=prepared.splits.get("test"),
+        config=config,
+        out=out,
     )
-    duplicates = [(a.path, b.path) for a, b in dup_pairs]
-    if duplicates:
-        lines = "\n".join(f"  {a} == {b}" for a, b in duplicates[:10])
-        warn(
-            f"{len(duplicates)} image(s) appear in two splits (leakage inflates test scores):\n"
-            f"{lines}"
-        )
-    splits: dict[str, Split] = {}
-    for name in ("train", "val", "test"):
-        rows = [(i, s) for i, s in enumerate(samples) if s.split == name and i not in bad]
-        if rows:
-            splits[name] = Split(
-                paths=[s.path for _, s in rows],
-                labels=np.array([index.label_index(s.label) for _, s in rows], dtype=np.int64),
-                digests=[scan.digests[i] for i, _ in rows],
-            )
-    if "train" not in splits:
-        raise TransferlabError(f"{data}: no usable training images")
-    missing = [c for i, c in enumerate(index.classes) if not (splits["train"].labels == i).any()]
-    if missing:
-        raise TransferlabError(
-            f"{data}: class(es) {', '.join(missing)} have no usable training images"
-        )
-    return PreparedData(index=index, splits=splits, skipped=skipped, duplicates=duplicates)
+    if STRATEGIES[config.strategy].needs_backbone:
+        t0 = time.perf_counter()
+        ctx.backbone = create_backbone(config.backbone, pretrained=config.pretrained)
+        ctx.timings["backbone_s"] = time.perf_counter() - t0
+        ctx.extractor = feature_extractor(ctx.backbone, config)
+    return ctx
 
 
 def fit(
@@ -152,9 +91,9 @@ def fit(
     t_start = time.perf_counter()
     prepared = prepared or prepare_data(data, config)
     out_path = Path(out) if out is not None else None
-    ctx = prepared.context(config, out_path or Path(os.devnull))
+    ctx = strategy_context(prepared, config, out_path or Path(os.devnull))
     t0 = time.perf_counter()
-    result = STRATEGIES[config.strategy](ctx)
+    result = STRATEGIES[config.strategy].run(ctx)
     train_s = time.perf_counter() - t0
     saved = SavedModel(
         net=result.net.eval(),
@@ -166,8 +105,8 @@ def fit(
         config=config.to_dict(),
     )
     clf = Classifier(saved)
-    if ctx._backbone is not None and not result.body.get("trained"):
-        clf._extractor = ctx._extractor  # same body: reuse its runtime and cache namespace
+    if ctx.extractor is not None and not result.body.get("trained"):
+        clf._extractor = ctx.extractor  # same body: reuse its runtime and cache namespace
     metrics: dict[str, Any] = {}
     for name in ("val", "test"):
         split = prepared.splits.get(name)
@@ -191,16 +130,6 @@ def fit(
     return clf
 
 
-def is_rank_zero() -> bool:
-    """Under srun, torchrun or Fabric's ddp re-launch every rank runs the whole command; only
-    rank 0 writes the run folder and prints. Reads the variables Lightning reads, in its order,
-    without importing Lightning on the features path."""
-    for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
-        if var in os.environ:
-            return int(os.environ[var]) == 0
-    return True
-
-
 class Classifier:
     """A trained model: predict, evaluate, save. Build with ``fit`` or ``load``."""
 
@@ -222,10 +151,6 @@ class Classifier:
     def extractor(self, *, engine: str = "auto", batch_size: int = 32, workers: int | None = None):
         """The body on its fastest runtime, with the feature cache of this body's identity."""
         if self._extractor is None:
-            from transferlab.backbones import Backbone
-            from transferlab.cache import FeatureCache
-            from transferlab.extract import FeatureExtractor
-
             body = self.saved.body
             backbone = Backbone(
                 spec=body["spec"],
@@ -235,19 +160,13 @@ class Classifier:
                 weights_hash=body["weights_hash"],
                 pretrained=not body.get("trained", False),
             )
-            cfg = self.saved.config
+            cfg = dict(self.saved.config)
             # The training machine's cache folder is used when it is here too (a re-evaluation
             # then hits it); a model moved to another machine uses this machine's default.
-            cache_dir = cfg.get("cache_dir")
-            usable = cache_dir and os.access(cache_dir, os.W_OK)
-            self._extractor = FeatureExtractor(
-                backbone,
-                cache=FeatureCache(Path(cache_dir) if usable else None),
-                engine=engine,
-                batch_size=batch_size,
-                workers=workers,
-                max_pixels=cfg.get("max_pixels", 89_478_485),
-            )
+            if not (cfg.get("cache_dir") and os.access(cfg["cache_dir"], os.W_OK)):
+                cfg["cache_dir"] = None
+            cfg.update(engine=engine, batch_size=batch_size, workers=workers)
+            self._extractor = feature_extractor(backbone, cfg)
         return self._extractor
 
     def _head_probs(self, features: np.ndarray) -> np.ndarray:
@@ -351,11 +270,11 @@ class Classifier:
         out = Path(out)
         self.saved.save(out)
         if self.metrics:
-            _write_json(out / METRICS_FILE, self.metrics)
+            write_json(out / METRICS_FILE, self.metrics)
         if self.data_summary:
-            _write_json(out / DATA_FILE, self.data_summary)
+            write_json(out / DATA_FILE, self.data_summary)
         if self.history:
-            _write_json(out / HISTORY_FILE, self.history)
+            write_json(out / HISTORY_FILE, self.history)
         return out
 
 
@@ -373,18 +292,4 @@ def load(path: str | os.PathLike) -> Classifier:
     return clf
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default))
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
-
-
-__all__ = ["Classifier", "PreparedData", "fit", "is_rank_zero", "load", "prepare_data"]
+__all__ = ["Classifier", "feature_extractor", "fit", "load", "strategy_context"]

@@ -39,13 +39,14 @@ import torch
 from PIL import Image, ImageDraw
 from torchvision.transforms import InterpolationMode, v2
 
+from transferlab.config import AUGMENT_PRESETS
 from transferlab.data.images import MAX_PIXELS, open_rgb
 from transferlab.errors import TransferlabError
 from transferlab.preprocess import Preprocess
 
 __all__ = ["PRESETS", "augment_preview", "build_transform", "draft_size", "normalizer"]
 
-PRESETS: tuple[str, ...] = ("none", "tutorial", "light", "strong")
+PRESETS = AUGMENT_PRESETS
 
 _INTERPOLATION = {
     "nearest": InterpolationMode.NEAREST,

@@ -28,8 +28,8 @@ from torch import nn
 
 from transferlab.data.images import DECODE_VERSION
 from transferlab.errors import TransferlabError
-from transferlab.model import state_digest
 from transferlab.preprocess import Preprocess
+from transferlab.storage import state_digest
 
 __all__ = [
     "Backbone",
@@ -328,6 +328,26 @@ def _local_weights_file(folder: Path) -> Path | None:
 
 _hash_memo: dict[tuple[str, int, int], str] = {}
 _hash_lock = threading.Lock()
+
+
+def timm_body_recipe(spec: str, model: nn.Module) -> dict[str, Any]:
+    """Architecture + constructor args needed to rebuild a timm body without its source folder."""
+    arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    model_args: dict[str, Any] = {}
+    # timm applies a local-dir or hf-hub config.json's model_args when it builds the model; the
+    # recipe must repeat them or the body rebuilt at load time is another network.
+    cfg_path: Path | None = None
+    if spec.startswith("local-dir:"):
+        cfg_path = Path(spec[len("local-dir:") :]) / "config.json"
+    elif spec.startswith("hf-hub:"):
+        cfg_path = cached_hub_file(spec[len("hf-hub:") :].split("@")[0], ["config.json"])
+    if cfg_path is not None and cfg_path.is_file():
+        cfg = json.loads(cfg_path.read_text())
+        arch = cfg.get("architecture", arch)
+        model_args = dict(cfg.get("model_args") or {})
+    if arch is None:
+        arch = spec.split(":", 1)[-1].split("/")[-1].split(".")[0]
+    return {"kind": "timm", "architecture": arch, "model_args": model_args}
 
 
 def file_sha256(path: Path) -> str:

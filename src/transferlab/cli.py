@@ -134,7 +134,7 @@ def fit(
         {**locals(), "devices": int(devices) if devices.isdigit() else devices}
     )
     import transferlab
-    from transferlab.api import is_rank_zero
+    from transferlab.system import is_rank_zero
 
     clf = transferlab.fit(data, out=out, config=cfg)
     if not is_rank_zero():
@@ -268,10 +268,11 @@ def lr_find(
 ) -> None:
     """LR range test on the network the strategy would train; the model is restored after."""
     cfg = FitConfig.from_dict(locals()).validate()  # before any import adds a local
-    from transferlab.api import prepare_data
+    from transferlab.api import strategy_context
+    from transferlab.data.prepared import prepare_data
     from transferlab.lr_find import lr_find_strategy
 
-    result = lr_find_strategy(prepare_data(data, cfg).context(cfg, out.parent), out)
+    result = lr_find_strategy(strategy_context(prepare_data(data, cfg), cfg, out.parent), out)
     for name, lr in result["suggestions"].items():
         out_console.print(f"{name:>8}: {'–' if lr is None else f'{lr:.2e}'}")
     out_console.print(f"plot saved to {out}")

@@ -48,7 +48,7 @@ def _update_metrics(run: Path, updates: dict[str, Any]) -> None:
     path = run / "metrics.json"
     metrics = json.loads(path.read_text()) if path.is_file() else {}
     metrics.update(updates)
-    from transferlab.model import atomic_write_text  # torch: not at CLI start-up
+    from transferlab.storage import atomic_write_text  # torch: not at CLI start-up
 
     atomic_write_text(path, json.dumps(metrics, indent=2))
 

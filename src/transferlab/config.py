@@ -10,8 +10,14 @@ from transferlab.errors import TransferlabError
 
 DEFAULT_BACKBONE = "local-dir:../shared/weights/mobilenetv2_100.tf_quant_in1k"
 
-# The small vocabularies of the options, here so that checking a config imports nothing heavy;
-# the engine and the runtimes import them from this module.
+# Every vocabulary of the options as plain names, here so that checking a config imports nothing
+# heavy and nothing above this module. The registries that implement them (strategies.STRATEGIES,
+# heads.HEADS, augment.PRESETS) are keyed by exactly these names (tests/test_config.py checks).
+STRATEGY_NAMES: tuple[str, ...] = (
+    "features", "frozen", "finetune", "scratch-basic", "scratch-regularized", "scratch-timm"
+)  # fmt: skip
+HEAD_NAMES: tuple[str, ...] = ("linear", "mlp")
+AUGMENT_PRESETS: tuple[str, ...] = ("none", "tutorial", "light", "strong")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd", "rmsprop")
 SCHEDULES: tuple[str, ...] = ("cosine", "onecycle", "step", "constant")
 BN_POLICIES: tuple[str, ...] = ("frozen", "train")
@@ -70,11 +76,8 @@ class FitConfig:
     def validate(self) -> FitConfig:
         """Check every option up front; a bad one is a TransferlabError naming it and what it
         takes. Normalizes ``class_weight="none"`` to None. Returns ``self``."""
-        from transferlab.heads import HEADS
-        from transferlab.strategies import STRATEGIES
-
-        _choice("strategy", self.strategy, STRATEGIES)
-        _choice("head", self.head, HEADS)
+        _choice("strategy", self.strategy, STRATEGY_NAMES)
+        _choice("head", self.head, HEAD_NAMES)
         if self.class_weight not in (None, "auto", "none"):
             raise TransferlabError(
                 f"--class-weight {self.class_weight!r} is unknown; choose 'auto' or 'none'"
@@ -113,9 +116,7 @@ class FitConfig:
                 f"--max-time {self.max_time!r}: give seconds >= 0, or leave it unset (no budget)"
             )
         if self.augment is not None:
-            from transferlab.augment import PRESETS
-
-            _choice("augment", self.augment, PRESETS, "or unset (the strategy's default)")
+            _choice("augment", self.augment, AUGMENT_PRESETS, "or unset (the strategy's default)")
         _check_unfreeze(self.unfreeze)
         if not _finite(self.lr_mult, above=0):
             raise TransferlabError(f"--lr-mult {self.lr_mult!r} must be > 0 (body LR = lr x it)")

@@ -66,12 +66,13 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from transferlab.augment import PRESETS, build_transform, draft_size
 from transferlab.config import BN_POLICIES, OPTIMIZERS, SCHEDULES, FitConfig
 from transferlab.data.dataset import ImageDataset, collate, raise_if_failed
+from transferlab.data.prepared import Split
 from transferlab.errors import TransferlabError
-from transferlab.model import ClassifierNet, atomic_write_text, state_digest, tensors_digest
+from transferlab.model import ClassifierNet
 from transferlab.preprocess import Preprocess
 from transferlab.progress import info, progress
-from transferlab.runtime import tune_glibc_malloc
-from transferlab.strategies import Split, StrategyContext, StrategyResult
+from transferlab.storage import atomic_write_text, tensors_digest
+from transferlab.system import available_cpus, tune_glibc_malloc
 
 __all__ = [
     "BN_POLICIES",
@@ -81,7 +82,6 @@ __all__ = [
     "Stage",
     "StagePlan",
     "TrainResult",
-    "TrainSetup",
     "apply_plan",
     "body_stages",
     "build_optimizer",
@@ -94,7 +94,6 @@ __all__ = [
     "plan_stage",
     "recalibrate_bn",
     "resume_config",
-    "run_setup",
     "set_train_mode",
     "train",
     "write_history",
@@ -710,8 +709,6 @@ def _seed_worker(worker_id: int) -> None:
 def _default_workers(config: FitConfig) -> int:
     if config.workers is not None:
         return max(0, int(config.workers))
-    from transferlab.data.loader import available_cpus
-
     per_rank = max(1, available_cpus() // max(1, _int_devices(config.devices)))
     if config.accelerator in ("gpu", "cuda"):
         return max(1, min(8, per_rank - 1))  # the GPU outruns JPEG decoding: feed it
@@ -1246,60 +1243,4 @@ def train(
         stop_reason=st.stop_reason or "completed",
         images_per_s=st.images / st.train_seconds if st.train_seconds > 0 else 0.0,
         recalibrated_bn=recalibrated,
-    )
-
-
-@dataclass
-class TrainSetup:
-    """What a training strategy hands the engine (and ``lr_find``): a network and its plan."""
-
-    net: ClassifierNet
-    preprocess: Preprocess
-    stages: list[Stage]
-    augment: str
-    body: dict[str, Any]  # spec + recipe; weights_hash and trained are filled in after training
-    head: dict[str, Any]  # head spec for heads.build_head
-    info: dict[str, Any] = field(default_factory=dict)
-    monitor: str = "val_loss"  # what picks the best epoch and drives early stopping
-    min_epochs: int = 0  # early stopping waits at least this many epochs
-
-
-def run_setup(ctx: StrategyContext, setup: TrainSetup) -> StrategyResult:
-    """Train ``setup`` on the context's splits and package the strategy result."""
-    res = train(
-        setup.net,
-        ctx.train,
-        ctx.val,
-        preprocess=setup.preprocess,
-        config=ctx.config,
-        out=ctx.out,
-        stages=setup.stages,
-        augment=setup.augment,
-        monitor=setup.monitor,
-        num_classes=len(ctx.classes),
-        min_epochs=setup.min_epochs,
-    )
-    ctx.timings["train_engine_s"] = res.seconds
-    body = {**setup.body, "weights_hash": state_digest(res.net.body), "trained": True}
-    info = {
-        **setup.info,
-        "seconds": res.seconds,
-        "epochs": res.epochs,
-        "best_epoch": res.best_epoch,
-        "stop_reason": res.stop_reason,
-        "trainable_params": res.trainable_params,
-        "images_per_s": res.images_per_s,
-        "recalibrated_bn": res.recalibrated_bn,
-        "augment": setup.augment,
-        "monitor": setup.monitor,
-        "min_epochs": setup.min_epochs,
-        "stages": [asdict(s) for s in setup.stages],
-    }
-    return StrategyResult(
-        net=res.net,
-        preprocess=setup.preprocess,
-        body=body,
-        head=setup.head,
-        history=res.history,
-        info=info,
     )

@@ -40,9 +40,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from transferlab.data.loader import available_cpus
 from transferlab.errors import ImageError, TransferlabError
 from transferlab.runtime import Uint8Input
+from transferlab.system import available_cpus
 
 if TYPE_CHECKING:
     from transferlab.api import Classifier

@@ -51,6 +51,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from transferlab.config import HEAD_NAMES
 from transferlab.errors import TransferlabError
 
 __all__ = [
@@ -65,7 +66,7 @@ __all__ = [
     "train_epochs",
 ]
 
-HEADS: tuple[str, ...] = ("linear", "mlp")
+HEADS = HEAD_NAMES
 
 # Half-decade steps; the ends are far enough apart that the best value is practically never on
 # the boundary for pooled CNN/ViT features with 1e2..1e5 training images.

@@ -15,8 +15,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from transferlab.api import fit, prepare_data
+from transferlab.api import fit
 from transferlab.config import FitConfig
+from transferlab.data.prepared import prepare_data
 from transferlab.errors import TransferlabError
 from transferlab.evaluation.report import write_report
 from transferlab.progress import info

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 from transferlab.augment import build_transform, draft_size
 from transferlab.config import FitConfig
 from transferlab.data.dataset import ImageDataset, collate, raise_if_failed
+from transferlab.data.prepared import Split
 from transferlab.engine import (
     Stage,
     apply_plan,
@@ -43,8 +44,8 @@ from transferlab.engine import (
 from transferlab.errors import TransferlabError
 from transferlab.model import ClassifierNet
 from transferlab.preprocess import Preprocess
-from transferlab.runtime import tune_glibc_malloc
-from transferlab.strategies import Split, StrategyContext
+from transferlab.strategies import STRATEGIES, StrategyContext
+from transferlab.system import tune_glibc_malloc
 
 __all__ = ["lr_find", "lr_find_strategy", "suggestions"]
 
@@ -98,17 +99,6 @@ def lr_find(
     return result
 
 
-def _preparers() -> dict[str, Any]:
-    from transferlab.strategies import finetune, scratch
-
-    return {
-        "finetune": finetune.prepare,
-        "scratch-basic": scratch.prepare_basic,
-        "scratch-regularized": scratch.prepare_regularized,
-        "scratch-timm": scratch.prepare_timm,
-    }
-
-
 def lr_find_strategy(
     ctx: StrategyContext, out_png: str | os.PathLike[str] | None, **options: Any
 ) -> dict[str, Any]:
@@ -117,11 +107,11 @@ def lr_find_strategy(
     For ``finetune`` that is phase 2 (after the cached head fit): its last stage's unfrozen set,
     ``lr_mult`` and BN policy, with its augmentation. ``options`` go to :func:`lr_find`.
     """
-    preparers = _preparers()
-    prepare = preparers.get(ctx.config.strategy)
+    prepare = STRATEGIES[ctx.config.strategy].prepare
     if prepare is None:
+        trained = [name for name, spec in STRATEGIES.items() if spec.prepare is not None]
         raise TransferlabError(
-            f"lr-find needs a strategy trained by gradient descent ({', '.join(preparers)}); "
+            f"lr-find needs a strategy trained by gradient descent ({', '.join(trained)}); "
             f"--strategy {ctx.config.strategy} has no learning rate to find"
         )
     setup = prepare(ctx)

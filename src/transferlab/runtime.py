@@ -33,9 +33,9 @@ from torch import nn
 from transferlab.backbones import Backbone
 from transferlab.cache import FeatureCache
 from transferlab.config import ENGINES  # one vocabulary, validated by FitConfig
-from transferlab.data.loader import available_cpus
 from transferlab.errors import TransferlabError
 from transferlab.model import eval_mode
+from transferlab.system import available_cpus, tune_glibc_malloc
 
 __all__ = [
     "ENGINES",
@@ -447,41 +447,3 @@ def _brief(exc: BaseException) -> str:
     first = lines[0] if lines else ""
     first = first if len(first) <= 160 else first[:157] + "..."
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-
-
-# --------------------------------------------------------------------------------------------
-# glibc allocator
-
-
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-_malloc_tuned: bool | None = None
-
-
-def tune_glibc_malloc() -> bool:
-    """Stop glibc from returning big buffers to the kernel after every eager-PyTorch batch.
-
-    With default thresholds each batch's large activations are mmap'd and unmapped again, costing
-    hundreds of thousands of page faults per run (see shared/docs/perf-notes.md). Raising the mmap
-    and trim thresholds keeps that memory in the heap for reuse. Returns True when applied; a no-op
-    on non-glibc platforms. Process-wide and idempotent.
-    """
-    global _malloc_tuned
-    if _malloc_tuned is not None:
-        return _malloc_tuned
-    _malloc_tuned = False
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.gnu_get_libc_version  # noqa: B018 - raises AttributeError on musl and others
-        mallopt = libc.mallopt
-        mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-        mallopt.restype = ctypes.c_int
-    except (OSError, AttributeError):
-        return False
-    # glibc caps the mmap threshold (32 MiB on 64-bit via mallopt); try big, then the cap.
-    mmap_ok = any(mallopt(_M_MMAP_THRESHOLD, v) == 1 for v in (1 << 30, 1 << 25))
-    trim_ok = mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1) == 1
-    _malloc_tuned = bool(mmap_ok and trim_ok)
-    return _malloc_tuned

@@ -46,8 +46,8 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from transferlab.data.loader import available_cpus
 from transferlab.errors import ImageError, TransferlabError
+from transferlab.system import available_cpus
 
 __all__ = ["MicroBatcher", "create_app", "run_server", "sniff_image"]
 

@@ -33,8 +33,9 @@ import numpy as np
 from transferlab.data.images import MAX_PIXELS, load_image
 from transferlab.errors import ImageError, TransferlabError
 from transferlab.preprocess import Preprocess
+from transferlab.system import available_cpus
 
-__all__ = ["DecodedBatch", "available_cpus", "iter_decoded"]
+__all__ = ["DecodedBatch", "iter_decoded"]
 
 # (index of the first source, paths, preprocessing, pixel limit): one batch of work.
 _Job = tuple[int, list[str], Preprocess, int]
@@ -51,14 +52,6 @@ class DecodedBatch:
     indices: list[int]
     images: np.ndarray  # uint8 (n, 3, H, W)
     failures: list[tuple[int, str]]  # (index into sources, reason)
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (the affinity mask, which containers set, else cpu_count)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # not available on macOS/Windows
-        return os.cpu_count() or 1
 
 
 def iter_decoded(

@@ -30,16 +30,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from transferlab.data.prepared import Split
 from transferlab.errors import TransferlabError
 from transferlab.evaluation.metrics import (
     expected_calibration_error,
     fit_temperature,
     mcnemar,
 )
-from transferlab.strategies import Split
 
 if TYPE_CHECKING:
-    from transferlab.api import Classifier, PreparedData
+    from transferlab.api import Classifier
+    from transferlab.data.prepared import PreparedData
 
 __all__ = [
     "PREDICTIONS_FILE",
@@ -105,8 +106,8 @@ def prepare_run_data(
     it, as at fit time), and every split carries content digests for the feature cache.
     ``classes``: the model's; the folder's must be the same, in the same order.
     """
-    from transferlab.api import prepare_data
     from transferlab.config import FitConfig
+    from transferlab.data.prepared import prepare_data
 
     cfg = FitConfig.from_dict(dict(config)) if config else FitConfig()
     prepared = prepare_data(data, cfg)

@@ -28,14 +28,14 @@ import numpy as np
 from transferlab.errors import TransferlabError
 from transferlab.evaluation import analysis, plots
 from transferlab.evaluation.metrics import expected_calibration_error, fit_temperature
-from transferlab.model import atomic_write_text
 from transferlab.progress import info
+from transferlab.storage import atomic_write_text
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from transferlab.api import Classifier, PreparedData
-    from transferlab.strategies import Split
+    from transferlab.api import Classifier
+    from transferlab.data.prepared import PreparedData, Split
 
 __all__ = ["REPORT_FILE", "best_rung", "build_report", "load_ladder"]
 
@@ -589,7 +589,7 @@ def _thumbnail_grid(ctx: _Context, n: int) -> str:
 
 
 def _config_section(ctx: _Context) -> str:
-    from transferlab.model import library_versions
+    from transferlab.system import library_versions
 
     saved = ctx.clf.saved
     cfg = saved.config

@@ -11,16 +11,17 @@ import time
 
 import numpy as np
 
+from transferlab.data.prepared import Split
 from transferlab.errors import TransferlabError
 from transferlab.heads import FittedHead, fit_head
 from transferlab.model import ClassifierNet
 from transferlab.progress import progress
-from transferlab.strategies import Split, StrategyContext, StrategyResult, body_record
+from transferlab.strategies.base import StrategyContext, StrategyResult, body_record
 
 
 def split_features(ctx: StrategyContext, split: Split, name: str) -> np.ndarray:
     """Bottleneck features of one split, from the cache where possible."""
-    ex = ctx.extractor()
+    _, ex = ctx.pretrained()
     with progress(len(split), f"features [{name}]") as advance:
         got = ex(split.paths, split.digests, on_progress=advance)
     if got.failures:
@@ -65,7 +66,7 @@ def fit_head_on_features(ctx: StrategyContext) -> tuple[FittedHead, dict[str, np
 
 
 def run(ctx: StrategyContext) -> StrategyResult:
-    backbone = ctx.backbone()
+    backbone, _ = ctx.pretrained()
     fitted, probs = fit_head_on_features(ctx)
     net = ClassifierNet(backbone.model, fitted.module).eval()
     return StrategyResult(

@@ -22,13 +22,13 @@ import copy
 import time
 
 from transferlab.config import FitConfig
-from transferlab.engine import Stage, TrainSetup, body_stages, run_setup
+from transferlab.engine import Stage, body_stages
 from transferlab.errors import TransferlabError
 from transferlab.model import ClassifierNet
-from transferlab.strategies import StrategyContext, StrategyResult, body_record
+from transferlab.strategies.base import StrategyContext, TrainSetup, body_record
 from transferlab.strategies.features import fit_head_on_features
 
-__all__ = ["DEFAULT_AUGMENT", "DEFAULT_EPOCHS", "DEFAULT_LR", "parse_unfreeze", "prepare", "run"]
+__all__ = ["DEFAULT_AUGMENT", "DEFAULT_EPOCHS", "DEFAULT_LR", "parse_unfreeze", "prepare"]
 
 DEFAULT_EPOCHS = 5
 DEFAULT_LR = 1e-3
@@ -74,7 +74,7 @@ def _stages(cfg: FitConfig, n_stages: int) -> list[Stage]:
 def prepare(ctx: StrategyContext) -> TrainSetup:
     """Phase 1 (head on cached features) and the phase-2 plan, ready for the engine."""
     cfg = ctx.config
-    backbone = ctx.backbone()
+    backbone, _ = ctx.pretrained()
     t0 = time.perf_counter()
     fitted, _ = fit_head_on_features(ctx)
     phase1_s = time.perf_counter() - t0
@@ -97,7 +97,3 @@ def prepare(ctx: StrategyContext) -> TrainSetup:
             "gradual": cfg.gradual,
         },
     )
-
-
-def run(ctx: StrategyContext) -> StrategyResult:
-    return run_setup(ctx, prepare(ctx))

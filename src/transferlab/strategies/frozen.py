@@ -38,11 +38,12 @@ from torch.utils.data import DataLoader
 
 from transferlab.augment import build_transform, draft_size
 from transferlab.data.dataset import ImageDataset, collate, raise_if_failed
+from transferlab.data.prepared import Split
 from transferlab.engine import HISTORY_CSV, class_weights, lr_factor, write_history
 from transferlab.heads import build_head, train_epochs
 from transferlab.model import ClassifierNet
 from transferlab.progress import info, progress
-from transferlab.strategies import Split, StrategyContext, StrategyResult, body_record
+from transferlab.strategies.base import StrategyContext, StrategyResult, body_record
 from transferlab.strategies.features import split_features
 
 __all__ = [
@@ -67,7 +68,7 @@ class _SeededViews(ImageDataset):
     """``(uint8 view, index)``; the view's random draw is seeded by the image, not the batch."""
 
     def __init__(self, paths: list[str], seeds: list[int], ctx: StrategyContext, preset: str):
-        pre = ctx.backbone().preprocess
+        pre = ctx.pretrained()[0].preprocess
         super().__init__(
             paths,
             np.arange(len(paths)),
@@ -93,7 +94,7 @@ def augmented_features(
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Features of ``views`` augmented views of every image: ``(views, n, d)`` float32 + stats."""
     cfg = ctx.config
-    ex = ctx.extractor()
+    _, ex = ctx.pretrained()
     identity = ex.backbone.identity()
     out = np.zeros((views, len(split), ex.backbone.num_features), dtype=np.float32)
     computed, seconds = 0, 0.0
@@ -130,7 +131,7 @@ def _compute_views(
 ) -> Iterator[tuple[list[int], np.ndarray]]:
     if not rows:
         return
-    ex = ctx.extractor()
+    _, ex = ctx.pretrained()
     seeds = [_view_seed(ctx.config.seed, view, split.digests[i]) for i in rows]
     ds = _SeededViews([split.paths[i] for i in rows], seeds, ctx, preset)
     workers = ctx.config.workers if ctx.config.workers is not None else 1
@@ -235,7 +236,7 @@ def _evaluate(head: nn.Module, x: np.ndarray, y: np.ndarray) -> tuple[float, flo
 
 def run(ctx: StrategyContext) -> StrategyResult:
     cfg = ctx.config
-    backbone = ctx.backbone()
+    backbone, _ = ctx.pretrained()
     preset = DEFAULT_AUGMENT if cfg.augment is None else cfg.augment
     views, stats = augmented_features(ctx, ctx.train, preset)
     ctx.timings["augmented_views_s"] = stats["seconds"]

@@ -42,12 +42,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from transferlab.engine import Stage, TrainSetup, run_setup
+from transferlab.engine import Stage
 from transferlab.heads import build_head
 from transferlab.preprocess import Preprocess
 from transferlab.progress import info
 from transferlab.scratch import build_scratch_body, scratch_recipe
-from transferlab.strategies import StrategyContext, StrategyResult, body_record
+from transferlab.strategies.base import StrategyContext, TrainSetup, body_record
 
 __all__ = [
     "DEFAULT_IMAGE_SIZE",
@@ -55,9 +55,6 @@ __all__ = [
     "prepare_basic",
     "prepare_regularized",
     "prepare_timm",
-    "run_basic",
-    "run_regularized",
-    "run_timm",
 ]
 
 DEFAULT_IMAGE_SIZE = 150  # the tutorial's
@@ -152,15 +149,3 @@ def prepare_timm(ctx: StrategyContext) -> TrainSetup:
         monitor=MONITOR,
         min_epochs=MIN_EPOCHS,
     )
-
-
-def run_basic(ctx: StrategyContext) -> StrategyResult:
-    return run_setup(ctx, prepare_basic(ctx))
-
-
-def run_regularized(ctx: StrategyContext) -> StrategyResult:
-    return run_setup(ctx, prepare_regularized(ctx))
-
-
-def run_timm(ctx: StrategyContext) -> StrategyResult:
-    return run_setup(ctx, prepare_timm(ctx))

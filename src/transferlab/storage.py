@@ -1,0 +1,83 @@
+"""Atomic writes and content digests: a crash leaves the old file, never half a new one."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from transferlab.errors import TransferlabError
+
+
+def _tmp_sibling(path: Path) -> Path:
+    return path.with_name(path.name + f".tmp{os.getpid()}")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file and a rename."""
+    tmp = _tmp_sibling(path)
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Indented JSON, written atomically; NumPy values and paths become plain JSON."""
+    atomic_write_text(Path(path), json.dumps(obj, indent=2, default=_json_default))
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    """A JSON file's content, or ``default`` when it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return default
+
+
+def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Named tensors to a safetensors file, atomically."""
+    tmp = _tmp_sibling(path)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a missing or corrupt file is a TransferlabError naming it."""
+    if not path.is_file():
+        raise TransferlabError(f"{path}: missing; the model folder is incomplete")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for bad headers/lengths
+        raise TransferlabError(f"{path}: corrupt or truncated weights file ({e})") from e
+
+
+def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of named tensors (names, dtypes, shapes and raw bytes; any dtype, bf16 too)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def state_digest(module: nn.Module) -> str:
+    """A content hash of a module's weights, for cache identities and checkpoints."""
+    return tensors_digest(module.state_dict())

@@ -1,0 +1,78 @@
+"""Facts about the process and the machine it runs on: CPUs, ranks, the allocator."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import platform
+import sys
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (the affinity mask, which containers set, else cpu_count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not available on macOS/Windows
+        return os.cpu_count() or 1
+
+
+def is_rank_zero() -> bool:
+    """Under srun, torchrun or Fabric's ddp re-launch every rank runs the whole command; only
+    rank 0 writes the run folder and prints. Reads the variables Lightning reads, in its order,
+    without importing Lightning on the features path."""
+    for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if var in os.environ:
+            return int(os.environ[var]) == 0
+    return True
+
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_malloc_tuned: bool | None = None
+
+
+def tune_glibc_malloc() -> bool:
+    """Stop glibc from returning big buffers to the kernel after every eager-PyTorch batch.
+
+    With default thresholds each batch's large activations are mmap'd and unmapped again, costing
+    hundreds of thousands of page faults per run (see shared/docs/perf-notes.md). Raising the mmap
+    and trim thresholds keeps that memory in the heap for reuse. Returns True when applied; a no-op
+    on non-glibc platforms. Process-wide and idempotent.
+    """
+    global _malloc_tuned
+    if _malloc_tuned is not None:
+        return _malloc_tuned
+    _malloc_tuned = False
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018 - raises AttributeError on musl and others
+        mallopt = libc.mallopt
+        mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        mallopt.restype = ctypes.c_int
+    except (OSError, AttributeError):
+        return False
+    # glibc caps the mmap threshold (32 MiB on 64-bit via mallopt); try big, then the cap.
+    mmap_ok = any(mallopt(_M_MMAP_THRESHOLD, v) == 1 for v in (1 << 30, 1 << 25))
+    trim_ok = mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1) == 1
+    _malloc_tuned = bool(mmap_ok and trim_ok)
+    return _malloc_tuned
+
+
+def library_versions() -> dict[str, str]:
+    """The versions a run records, so a result can be traced to the code that produced it."""
+    import numpy
+    import timm
+    import torch
+
+    import transferlab
+
+    return {
+        "transferlab": transferlab.__version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+    }
