@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     # data in, augmentation, the feature cache
     ("data", "augment", "cache"),
     # networks and how they run
-    ("model", "backbones", "heads", "scratch", "runtime", "extract"),
+    ("training", "model", "backbones", "heads", "scratch", "runtime", "extract"),
     # the training engine
     ("engine",),
     # strategies
