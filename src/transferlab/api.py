@@ -7,11 +7,11 @@ DATA → discover (index of path/label/split) → scan (digest + decode check, l
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +24,17 @@ from transferlab.config import FitConfig
 from transferlab.data.prepared import PreparedData, Split, prepare_data
 from transferlab.errors import TransferlabError
 from transferlab.evaluation.metrics import classification_report
+from transferlab.evaluation.scoring import (
+    classifier_split,
+    evaluate_split,
+    head_logits,
+    prepare_run_data,
+)
 from transferlab.extract import FeatureExtractor
+from transferlab.model import softmax
 from transferlab.progress import progress
 from transferlab.runs import DATA_FILE, HISTORY_FILE, METRICS_FILE, SavedModel
-from transferlab.storage import write_json
+from transferlab.storage import read_json, write_json
 from transferlab.strategies import STRATEGIES, StrategyContext
 from transferlab.system import is_rank_zero
 
@@ -170,10 +177,7 @@ class Classifier:
         return self._extractor
 
     def _head_probs(self, features: np.ndarray) -> np.ndarray:
-        head = self.saved.net.head.eval()
-        with torch.inference_mode():
-            logits = head(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)))
-            return torch.softmax(logits / self.saved.temperature, dim=1).numpy()
+        return softmax(head_logits(self, features), self.saved.temperature)
 
     def predict_proba_split(self, split: Split) -> np.ndarray:
         ex = self.extractor()
@@ -185,21 +189,26 @@ class Classifier:
         return self._head_probs(got.features)
 
     def evaluate(
-        self, data: str | os.PathLike, *, split: str = "test", config: FitConfig | None = None
+        self,
+        data: str | os.PathLike,
+        *,
+        split: str = "test",
+        tta: str | bool | None = None,
+        calibrate: bool = False,
+        config: FitConfig | None = None,
+        prepared: PreparedData | None = None,
     ) -> dict[str, Any]:
-        """Metrics on one split of ``data`` (discovered with the same seed and fractions)."""
-        cfg = config or FitConfig.from_dict(self.saved.config)
-        prepared = prepare_data(data, cfg)
-        if split not in prepared.splits:
-            raise TransferlabError(
-                f"{data}: no '{split}' split; available: {', '.join(prepared.splits)}"
-            )
-        if prepared.index.classes != self.classes:
-            raise TransferlabError(
-                f"{data}: classes {prepared.index.classes} differ from the model's {self.classes}"
-            )
-        s = prepared.splits[split]
-        return classification_report(s.labels, self.predict_proba_split(s), self.classes)
+        """Metrics on one split of ``data``, discovered and scanned as ``fit`` does with the
+        model's seed and fractions (or ``config``'s; ``prepared``: that scan, done already).
+
+        Returns the classification report. ``calibrate=True`` fits the temperature on val (the
+        model uses it from then on; ``save`` stores it) and adds ``"calibration"``;
+        ``tta="flip"|"flip5crop"`` adds ``"tta"``: the split scored with test-time augmentation.
+        """
+        if prepared is None:
+            cfg = config.to_dict() if config is not None else self.saved.config
+            prepared = prepare_run_data(data, cfg, self.classes)
+        return evaluate_split(self, prepared, split, tta=tta, calibrate=calibrate)
 
     # --- figures (delegate to transferlab.evaluation.plots; each returns a matplotlib Figure
     # and writes a PNG when ``out`` is given) ---
@@ -228,7 +237,6 @@ class Classifier:
         out: str | os.PathLike | None = None,
     ):
         """Reliability diagram + ECE of a split (of the fitted data, or of ``data``)."""
-        from transferlab.evaluation.analysis import classifier_split
         from transferlab.evaluation.plots import plot_reliability
 
         s = classifier_split(self, split, data)
@@ -286,10 +294,55 @@ def load(path: str | os.PathLike) -> Classifier:
         (HISTORY_FILE, "history"),
         (DATA_FILE, "data_summary"),
     ):
-        f = Path(path) / name
-        if f.is_file():
-            setattr(clf, attr, json.loads(f.read_text()))
+        value = read_json(Path(path) / name)
+        if value is not None:
+            setattr(clf, attr, value)
     return clf
 
 
-__all__ = ["Classifier", "feature_extractor", "fit", "load", "strategy_context"]
+@dataclass
+class RunEvaluation:
+    """A saved run scored on a dataset: the model, the scanned data, the report (see
+    ``Classifier.evaluate``)."""
+
+    classifier: Classifier
+    prepared: PreparedData
+    report: dict[str, Any]
+
+
+def evaluate_run(
+    run: str | os.PathLike,
+    data: str | os.PathLike,
+    *,
+    split: str = "test",
+    tta: str | bool | None = None,
+    calibrate: bool = False,
+) -> RunEvaluation:
+    """Evaluate the run folder ``run`` on one split of ``data`` and record what changed.
+
+    With ``calibrate`` the fitted temperature is stored in the run's ``model.json`` (every later
+    ``predict``/``serve``/export uses it). Calibration and TTA results on the run's own data
+    become part of its record: they are merged into its ``metrics.json`` (and so its report).
+    """
+    clf = load(run)
+    # scanned once, as fit scans: unusable files are skipped here and in a report alike
+    prepared = prepare_run_data(data, clf.saved.config, clf.classes)
+    report = clf.evaluate(data, split=split, tta=tta, calibrate=calibrate, prepared=prepared)
+    record = {k: {**report[k], "data": str(data)} for k in ("calibration", "tta") if k in report}
+    if calibrate:
+        clf.saved.save(run)  # model.json now carries the temperature
+    if record and _same_data(run, data):
+        metrics = read_json(Path(run) / METRICS_FILE, {})
+        write_json(Path(run) / METRICS_FILE, {**metrics, **record})
+    return RunEvaluation(classifier=clf, prepared=prepared, report=report)
+
+
+def _same_data(run: str | os.PathLike, data: str | os.PathLike) -> bool:
+    root = (read_json(Path(run) / DATA_FILE) or {}).get("index", {}).get("root")
+    return root is not None and Path(data).resolve() == Path(root).resolve()
+
+
+__all__ = [
+    "Classifier", "RunEvaluation", "evaluate_run", "feature_extractor", "fit", "load",
+    "strategy_context",
+]  # fmt: skip

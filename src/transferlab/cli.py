@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
+import typing
+from collections.abc import Callable
+from dataclasses import fields
+from inspect import Parameter
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from transferlab.config import DEFAULT_BACKBONE, FitConfig
 from transferlab.errors import TransferlabError
-from transferlab.progress import console
+from transferlab.progress import console, out_console
 
 app = typer.Typer(
     add_completion=False,
@@ -22,7 +26,8 @@ app = typer.Typer(
     help="Turn a folder of labelled images into an evaluated classifier by transfer learning.",
 )
 
-out_console = Console()  # stdout, for results that users pipe
+Command = TypeVar("Command", bound=Callable[..., Any])
+KEYWORD_ONLY = Parameter.KEYWORD_ONLY
 
 
 def main() -> None:
@@ -87,52 +92,47 @@ def split(
     _print_counts(counts, f"{dest}")
 
 
+def config_options(*names: str, **defaults: Any) -> Callable[[Command], Command]:
+    """Add ``FitConfig`` fields as options of a command, with the field's default and help text
+    (``names``: which fields, default all; ``defaults``: the command's own defaults). The command
+    receives them as keyword arguments: ``FitConfig.from_dict(options)``."""
+
+    def decorate(command: Command) -> Command:
+        sig = inspect.signature(command)
+        own = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        hints = typing.get_type_hints(FitConfig)
+        added = []
+        for f in fields(FitConfig):
+            if names and f.name not in names:
+                continue
+            default = defaults.get(f.name, f.default)
+            # Lightning takes a count or a word ("auto"): typer has no int | str option type
+            kind = str if f.name == "devices" else hints[f.name]
+            default = str(default) if f.name == "devices" else default
+            option = typer.Option(default, help=f.metadata["help"])
+            added.append(inspect.Parameter(f.name, KEYWORD_ONLY, default=option, annotation=kind))
+        command.__signature__ = sig.replace(parameters=[*own, *added])  # type: ignore[attr-defined]
+        return command
+
+    return decorate
+
+
+def _config(options: dict[str, Any]) -> FitConfig:
+    devices = options.get("devices")
+    if isinstance(devices, str) and devices.isdigit():
+        options = {**options, "devices": int(devices)}
+    return FitConfig.from_dict(options)
+
+
 @app.command()
+@config_options()
 def fit(
     data: Path = typer.Argument(..., help="Images: split folders, class folders, flat or CSV."),
     out: Path = typer.Option(Path("runs/latest"), help="Run folder to write."),
-    backbone: str = typer.Option(DEFAULT_BACKBONE, help="timm spec or local-dir:PATH."),
-    strategy: str = typer.Option("features", help="features | frozen | finetune | scratch-…"),
-    head: str = typer.Option("linear", help="linear | mlp"),
-    seed: int = typer.Option(42),
-    class_weight: str | None = typer.Option(None, help="'auto': inverse class frequency."),
-    label_regex: str | None = typer.Option(None, help="Label = first group of this regex."),
-    val_fraction: float = typer.Option(0.2, help="Carved from train when there is no val."),
-    test_fraction: float = typer.Option(0.2, help="Carved from train when there is no test."),
-    strict: bool = typer.Option(False, help="Fail on any unusable image instead of skipping."),
-    engine: str = typer.Option("auto", help="Frozen base runtime: auto|openvino|onnxruntime|torch"),
-    cache_dir: str | None = typer.Option(None, help="Feature cache (default: user cache dir)."),
-    batch_size: int = typer.Option(32),
-    workers: int | None = typer.Option(None, help="Decode processes (default: all cores)."),
-    pretrained: bool = typer.Option(True, help="--no-pretrained: random init."),
-    epochs: int | None = typer.Option(None, help="Training epochs (end-to-end strategies)."),
-    lr: float | None = typer.Option(None, help="Learning rate (head; body gets lr × lr-mult)."),
-    augment: str | None = typer.Option(None, help="none | tutorial | light | strong"),
-    unfreeze: str = typer.Option("2", help="finetune: top stages to unfreeze, or 'all'."),
-    lr_mult: float = typer.Option(0.1, help="finetune: body LR multiplier."),
-    bn: str = typer.Option("frozen", help="BatchNorm policy: frozen | train"),
-    max_time: float | None = typer.Option(None, help="Training time budget in seconds."),
-    resume: bool = typer.Option(False, help="Continue from OUT/checkpoints/last.ckpt."),
-    optimizer: str = typer.Option("adamw", help="adamw | sgd | rmsprop"),
-    schedule: str = typer.Option("cosine", help="cosine | onecycle | step | constant"),
-    warmup_epochs: float = typer.Option(0.0),
-    weight_decay: float = typer.Option(0.01),
-    label_smoothing: float = typer.Option(0.0),
-    patience: int | None = typer.Option(5, help="Early stopping patience (epochs)."),
-    gradual: bool = typer.Option(False, help="finetune: unfreeze one more stage per epoch."),
-    image_size: int | None = typer.Option(None, help="Scratch CNN input size (tutorial: 150)."),
-    accelerator: str = typer.Option("cpu", help="Lightning accelerator: cpu | gpu | auto"),
-    devices: str = typer.Option("1", help="Lightning devices: a count or 'auto'."),
-    dist_strategy: str = typer.Option("auto", help="Lightning strategy: auto | ddp | ddp_spawn"),
-    precision: str = typer.Option("32-true", help="32-true | bf16-mixed | 16-mixed"),
-    deterministic: bool = typer.Option(True, help="Reproducible kernels and data order."),
-    max_pixels: int = typer.Option(89_478_485, help="Refuse larger images (bomb guard)."),
+    **options: Any,
 ) -> None:
     """Train on DATA and evaluate on its val/test splits; writes OUT/ (model, metrics.json)."""
-    # every option but DATA and OUT is a FitConfig field of the same name
-    cfg = FitConfig.from_dict(
-        {**locals(), "devices": int(devices) if devices.isdigit() else devices}
-    )
+    cfg = _config(options)
     import transferlab
     from transferlab.system import is_rank_zero
 
@@ -148,7 +148,7 @@ def fit(
     ext = clf.metrics.get("extraction", [])
     computed = sum(e["computed"] for e in ext)
     hits = sum(e["cache_hits"] for e in ext)
-    line = f"{strategy} on {backbone}: {t['total_s']:.1f} s"
+    line = f"{cfg.strategy} on {cfg.backbone}: {t['total_s']:.1f} s"
     if ext:
         engines = sorted({e["engine"] for e in ext})
         secs = sum(e["extract_s"] for e in ext)
@@ -227,21 +227,17 @@ def backbones(
 
 
 @app.command()
+@config_options("backbone", "seed", "cache_dir", "workers", "accelerator", "precision")
 def ladder(
     data: Path = typer.Argument(..., help="Images (any layout `fit` accepts)."),
     out: Path = typer.Option(Path("runs/ladder"), help="Folder for every rung and the summary."),
-    backbone: str = typer.Option(DEFAULT_BACKBONE, help="timm spec or local-dir:PATH."),
     rungs: str | None = typer.Option(None, help="Comma-separated subset of the rungs."),
     seeds: int = typer.Option(1, help="Repeat each rung with N seeds: mean ± sd."),
     quick: bool = typer.Option(False, help="Small budgets: the whole ladder in minutes."),
-    seed: int = typer.Option(42),
-    cache_dir: str | None = typer.Option(None, help="Feature cache (default: user cache dir)."),
-    workers: int | None = typer.Option(None, help="Decode processes (default: all cores)."),
-    accelerator: str = typer.Option("cpu", help="Lightning accelerator: cpu | gpu | auto"),
-    precision: str = typer.Option("32-true", help="32-true | bf16-mixed | 16-mixed"),
+    **options: Any,
 ) -> None:
     """The tutorial's comparison: scratch CNNs vs frozen features vs fine-tuning, same splits."""
-    cfg = FitConfig.from_dict(locals())  # the options that are FitConfig fields (before any import)
+    cfg = _config(options)
     from transferlab.ladder import ladder as run_ladder
 
     names = [r.strip() for r in rungs.split(",")] if rungs else None
@@ -257,17 +253,14 @@ def ladder(
 
 
 @app.command("lr-find")
+@config_options("backbone", "strategy", "unfreeze", "seed", "cache_dir", strategy="finetune")
 def lr_find(
     data: Path = typer.Argument(..., help="Images (any layout `fit` accepts)."),
     out: Path = typer.Option(Path("lr_find.png"), help="Where to save the loss-vs-LR plot."),
-    backbone: str = typer.Option(DEFAULT_BACKBONE, help="timm spec or local-dir:PATH."),
-    strategy: str = typer.Option("finetune", help="finetune | frozen | scratch-…"),
-    unfreeze: str = typer.Option("2"),
-    seed: int = typer.Option(42),
-    cache_dir: str | None = typer.Option(None),
+    **options: Any,
 ) -> None:
     """LR range test on the network the strategy would train; the model is restored after."""
-    cfg = FitConfig.from_dict(locals()).validate()  # before any import adds a local
+    cfg = _config(options).validate()
     from transferlab.api import strategy_context
     from transferlab.data.prepared import prepare_data
     from transferlab.lr_find import lr_find_strategy

@@ -17,6 +17,7 @@ import typer
 from rich.table import Table
 
 from transferlab.errors import TransferlabError
+from transferlab.progress import out_console
 
 __all__ = ["register"]
 
@@ -125,7 +126,6 @@ def _quiet(path: str, reason: str) -> None:
 
 
 def _print_table(engine: Any, sources: list[str], top_k: int) -> None:
-    from transferlab.cli import out_console
     from transferlab.predict import print_error
 
     k = max(1, min(top_k, len(engine.classes)))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from transferlab.errors import TransferlabError
@@ -28,50 +28,55 @@ PRECISIONS: tuple[str, ...] = (
 MIN_IMAGE_SIZE = 16
 
 
+def _opt(default: Any, help: str) -> Any:
+    """A config field with its help text: the CLI builds each option from it (``cli.fit``)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class FitConfig:
     """Every knob of ``fit``. Defaults are the recommended recipe, not placeholders."""
 
     # what to train
-    backbone: str = DEFAULT_BACKBONE
-    pretrained: bool = True
-    strategy: str = "features"
-    head: str = "linear"
-    seed: int = 42
+    backbone: str = _opt(DEFAULT_BACKBONE, "timm spec, hf-hub:REPO or local-dir:PATH.")
+    pretrained: bool = _opt(True, "--no-pretrained: random init.")
+    strategy: str = _opt("features", "features | frozen | finetune | scratch-…")
+    head: str = _opt("linear", "linear | mlp")
+    seed: int = _opt(42, "Seed of the carved splits, initialisation and data order.")
     # data
-    label_regex: str | None = None
-    val_fraction: float = 0.2
-    test_fraction: float = 0.2
-    strict: bool = False
-    max_pixels: int = 89_478_485
-    class_weight: str | None = None  # None or "auto" (inverse frequency)
+    label_regex: str | None = _opt(None, "Label = first group of this regex.")
+    val_fraction: float = _opt(0.2, "Carved from train when there is no val.")
+    test_fraction: float = _opt(0.2, "Carved from train when there is no test.")
+    strict: bool = _opt(False, "Fail on any unusable image instead of skipping.")
+    max_pixels: int = _opt(89_478_485, "Refuse larger images (bomb guard).")
+    class_weight: str | None = _opt(None, "'auto': inverse class frequency.")
     # feature extraction
-    engine: str = "auto"  # auto | openvino | onnxruntime | torch
-    cache_dir: str | None = None
-    batch_size: int = 32
-    workers: int | None = None
+    engine: str = _opt("auto", "Frozen base runtime: auto|openvino|onnxruntime|torch")
+    cache_dir: str | None = _opt(None, "Feature cache (default: user cache dir).")
+    batch_size: int = _opt(32, "Images per batch.")
+    workers: int | None = _opt(None, "Decode processes (default: all cores).")
     # end-to-end training (frozen / finetune / scratch strategies)
-    epochs: int | None = None  # None: the strategy's default
-    lr: float | None = None
-    optimizer: str = "adamw"  # adamw | sgd | rmsprop
-    schedule: str = "cosine"  # cosine | onecycle | step | constant
-    warmup_epochs: float = 0.0
-    weight_decay: float = 0.01
-    label_smoothing: float = 0.0
-    patience: int | None = 5
-    max_time: float | None = None  # seconds
-    augment: str | None = None  # none | tutorial | light | strong; None: the strategy's default
-    unfreeze: str = "2"  # number of top stages, or "all"
-    lr_mult: float = 0.1  # body LR = head LR * lr_mult
-    gradual: bool = False
-    bn: str = "frozen"  # frozen | train
-    image_size: int | None = None  # scratch CNNs (tutorial: 150)
-    accelerator: str = "cpu"
-    devices: int | str = 1
-    dist_strategy: str = "auto"
-    precision: str = "32-true"
-    deterministic: bool = True
-    resume: bool = False
+    epochs: int | None = _opt(None, "Training epochs (end-to-end strategies).")
+    lr: float | None = _opt(None, "Learning rate (head; body gets lr × lr-mult).")
+    optimizer: str = _opt("adamw", "adamw | sgd | rmsprop")
+    schedule: str = _opt("cosine", "cosine | onecycle | step | constant")
+    warmup_epochs: float = _opt(0.0, "Linear LR warm-up, in epochs.")
+    weight_decay: float = _opt(0.01, "Decoupled weight decay (AdamW) or L2 (SGD/RMSprop).")
+    label_smoothing: float = _opt(0.0, "Cross-entropy label smoothing.")
+    patience: int | None = _opt(5, "Early stopping patience (epochs).")
+    max_time: float | None = _opt(None, "Training time budget in seconds.")
+    augment: str | None = _opt(None, "none | tutorial | light | strong")
+    unfreeze: str = _opt("2", "finetune: top stages to unfreeze, or 'all'.")
+    lr_mult: float = _opt(0.1, "finetune: body LR multiplier.")
+    gradual: bool = _opt(False, "finetune: unfreeze one more stage per epoch.")
+    bn: str = _opt("frozen", "BatchNorm policy: frozen | train")
+    image_size: int | None = _opt(None, "Scratch CNN input size (tutorial: 150).")
+    accelerator: str = _opt("cpu", "Lightning accelerator: cpu | gpu | auto")
+    devices: int | str = _opt(1, "Lightning devices: a count or 'auto'.")
+    dist_strategy: str = _opt("auto", "Lightning strategy: auto | ddp | ddp_spawn")
+    precision: str = _opt("32-true", "32-true | bf16-mixed | 16-mixed")
+    deterministic: bool = _opt(True, "Reproducible kernels and data order.")
+    resume: bool = _opt(False, "Continue from OUT/checkpoints/last.ckpt.")
 
     def validate(self) -> FitConfig:
         """Check every option up front; a bad one is a TransferlabError naming it and what it

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -55,3 +56,12 @@ def build_body(recipe: dict[str, Any]) -> nn.Module:
 
         return build_scratch_body(recipe)
     raise TransferlabError(f"unknown body kind {kind!r} in the model's body recipe")
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Class probabilities from logits ``(n, C)``, in float64: the one softmax every score,
+    prediction and calibration goes through (``temperature`` is the model's, see calibrate)."""
+    z = np.asarray(logits, dtype=np.float64) / float(temperature)
+    z = z - z.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    return p / p.sum(axis=1, keepdims=True)

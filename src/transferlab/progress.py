@@ -16,7 +16,13 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-console = Console(stderr=True)
+console = Console(stderr=True)  # progress, info and warnings
+out_console = Console(stderr=False)  # results, which users read or pipe
+
+
+def say(line: str) -> None:
+    """One result line on stdout, never wrapped (paths stay whole when piped) nor highlighted."""
+    out_console.print(line, soft_wrap=True, highlight=False)
 
 
 def quiet() -> bool:

@@ -60,7 +60,7 @@ def is_run_dir(path: str | os.PathLike) -> bool:
 
 
 def read_run_json(run: str | os.PathLike, name: str, default: Any = None) -> Any:
-    """One of a run folder's JSON files, or ``default`` when it is missing or unreadable."""
+    """One of a run folder's JSON files; ``default`` when it is missing (unreadable: an error)."""
     return read_json(Path(run) / name, default)
 
 

@@ -43,12 +43,24 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(Path(path), json.dumps(obj, indent=2, default=_json_default))
 
 
-def read_json(path: Path, default: Any = None) -> Any:
-    """A JSON file's content, or ``default`` when it is missing or unreadable."""
+def read_json(path: str | os.PathLike[str], default: Any = None) -> Any:
+    """A JSON file's content; ``default`` when the file does not exist.
+
+    The one policy for every run file (``model.json``, ``metrics.json``, ``data.json``,
+    ``ladder.json``, ...): absent is normal (an older or partial run), but a file that is there
+    and cannot be read or parsed is an error that names the file, never a silent default.
+    """
+    path = Path(path)
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
         return default
+    except (OSError, UnicodeDecodeError) as e:
+        raise TransferlabError(f"{path}: unreadable ({e})") from e
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TransferlabError(f"{path}: unreadable JSON ({e})") from e
 
 
 def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:

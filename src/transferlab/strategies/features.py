@@ -14,7 +14,7 @@ import numpy as np
 from transferlab.data.prepared import Split
 from transferlab.errors import TransferlabError
 from transferlab.heads import FittedHead, fit_head
-from transferlab.model import ClassifierNet
+from transferlab.model import ClassifierNet, softmax
 from transferlab.progress import progress
 from transferlab.strategies.base import StrategyContext, StrategyResult, body_record
 
@@ -54,14 +54,9 @@ def fit_head_on_features(ctx: StrategyContext) -> tuple[FittedHead, dict[str, np
     )
     ctx.timings["head_fit_s"] = time.perf_counter() - t0
     fitted.module.eval()
-    probs = {}
-    import torch
-
-    with torch.inference_mode():
-        for name in ("val", "test"):
-            if name in feats:
-                logits = fitted.module(torch.from_numpy(feats[name]))
-                probs[name] = torch.softmax(logits, dim=1).numpy()
+    probs = {
+        name: softmax(fitted.predict_logits(feats[name])) for name in ("val", "test") if name in feats
+    }
     return fitted, probs
 
 
