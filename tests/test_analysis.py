@@ -16,21 +16,20 @@ from PIL import Image
 import transferlab
 from transferlab.data.prepared import Split
 from transferlab.errors import TransferlabError
-from transferlab.evaluation import analysis
+from transferlab.evaluation import scoring
 from transferlab.evaluation.analysis import (
-    calibrate,
-    compare_runs,
     load_predictions,
     most_confused,
     out_of_fold_probs,
-    resolve_splits,
     save_predictions,
-    split_logits,
     suspect_labels,
     top_losses,
-    tta_probs,
 )
+from transferlab.evaluation.compare import compare_runs
 from transferlab.evaluation.metrics import fit_temperature
+from transferlab.evaluation.scoring import calibrate, resolve_splits, split_logits, tta_probs
+from transferlab.model import softmax
+from transferlab.storage import read_json
 
 TINY = "mobilenetv2_035"
 COLOURS = {"blue": (90, 100, 160), "red": (160, 100, 90)}  # close: the classes overlap a bit
@@ -299,7 +298,7 @@ def test_temperature_is_stored_reloaded_and_changes_probs_not_argmax(fitted, tmp
     assert np.abs(after - before).max() > 1e-4  # the probabilities moved...
     np.testing.assert_array_equal(after.argmax(1), before.argmax(1))  # ...the decisions did not
     logits = split_logits(loaded, splits["test"])
-    np.testing.assert_allclose(after, analysis._softmax(logits, t), atol=1e-5)
+    np.testing.assert_allclose(after, softmax(logits, t), atol=1e-5)
     clf.saved.temperature = 1.0  # leave the module fixture as found
 
 
@@ -371,11 +370,11 @@ def test_given_data_with_a_corrupt_image_is_skipped_like_fit_skips_it(fitted, tm
     # resolve_splits / classifier_split on given data go through the same scan
     splits = resolve_splits(root / "run_linear", ("test",), data=data)
     assert bad not in splits["test"].paths and all(splits["test"].digests)
-    assert bad not in analysis.classifier_split(fitted["clf"], "test", data).paths
-    prepared = analysis.prepare_run_data(data, fitted["clf"].saved.config, fitted["clf"].classes)
+    assert bad not in scoring.classifier_split(fitted["clf"], "test", data).paths
+    prepared = scoring.prepare_run_data(data, fitted["clf"].saved.config, fitted["clf"].classes)
     assert [p for p, _ in prepared.skipped] == [bad]
     with pytest.raises(TransferlabError, match="differ from the model's"):
-        analysis.prepare_run_data(data, fitted["clf"].saved.config, ["red", "blue"])
+        scoring.prepare_run_data(data, fitted["clf"].saved.config, ["red", "blue"])
     # export's image source: the same splits, the corrupt file never offered for calibration
     source = _ImageSource(fitted["clf"], root / "run_linear", data)
     assert bad not in [p for p, _ in source.split("test")]
@@ -383,19 +382,19 @@ def test_given_data_with_a_corrupt_image_is_skipped_like_fit_skips_it(fitted, tm
 
 
 def test_read_json_policy_missing_is_none_corrupt_names_the_file(fitted, tmp_path):
-    assert analysis.read_json(tmp_path / "nope.json") is None
+    assert read_json(tmp_path / "nope.json") is None
     good = tmp_path / "good.json"
     good.write_text('{"a": 1}')
-    assert analysis.read_json(good) == {"a": 1}
+    assert read_json(good) == {"a": 1}
     bad = tmp_path / "bad.json"
     bad.write_text('{"a": ')
     with pytest.raises(TransferlabError, match=r"bad\.json: unreadable JSON"):
-        analysis.read_json(bad)
+        read_json(bad)
     (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(TransferlabError, match=r"binary\.json: unreadable"):
-        analysis.read_json(tmp_path / "binary.json")
+        read_json(tmp_path / "binary.json")
     with pytest.raises(TransferlabError, match="unreadable"):
-        analysis.read_json(tmp_path)  # a folder, not a file
+        read_json(tmp_path)  # a folder, not a file
     # compare_runs follows it: a corrupt metrics.json is an error naming it, not "no metrics"
     import shutil
 

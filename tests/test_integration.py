@@ -59,14 +59,14 @@ def test_saved_model_predicts_real_photos_like_the_fitted_one(cache_dir, tmp_pat
 def test_temperature_scaling_on_real_features(cache_dir, tmp_path):
     """The MLP head is overconfident: a temperature fitted on val lowers *test* ECE. The default
     linear head's L2 is chosen on val log loss, so it is calibrated already (T close to 1)."""
-    from transferlab.cli_see import evaluate_run
+    from transferlab.api import evaluate_run
 
     data = SHARED / "datasets" / "cats_vs_dogs_small"
     temperatures = {}
     for head in ("mlp", "linear"):
         run = tmp_path / head
         transferlab.fit(data, backbone=MOBILENETV2, cache_dir=cache_dir, out=run, head=head)
-        cal = evaluate_run(run, data, split="test", calibrate=True)["calibration"]
+        cal = evaluate_run(run, data, split="test", calibrate=True).report["calibration"]
         temperatures[head] = cal["temperature"]
         if head == "mlp":
             assert cal["test"]["ece_after"] < cal["test"]["ece_before"], cal

@@ -35,7 +35,7 @@ from transferlab.model import softmax
 from transferlab.progress import progress
 from transferlab.runs import DATA_FILE, HISTORY_FILE, METRICS_FILE, SavedModel
 from transferlab.storage import read_json, write_json
-from transferlab.strategies import STRATEGIES, StrategyContext
+from transferlab.strategies import STRATEGIES, StrategyContext, StrategyResult
 from transferlab.system import is_rank_zero
 
 
@@ -96,24 +96,39 @@ def fit(
     config.validate()
     seed_everything(config.seed)
     t_start = time.perf_counter()
-    prepared = prepared or prepare_data(data, config)
+    prepared = prepared or prepare_data(data, config)  # discover + scan: every file read once
     out_path = Path(out) if out is not None else None
-    ctx = strategy_context(prepared, config, out_path or Path(os.devnull))
+    ctx = strategy_context(prepared, config, out_path or Path(os.devnull))  # backbone built here
     t0 = time.perf_counter()
     result = STRATEGIES[config.strategy].run(ctx)
-    train_s = time.perf_counter() - t0
-    saved = SavedModel(
-        net=result.net.eval(),
-        classes=prepared.index.classes,
-        preprocess=result.preprocess,
-        body=result.body,
-        head=result.head,
-        strategy=config.strategy,
-        config=config.to_dict(),
+    ctx.timings["train_s"] = time.perf_counter() - t0
+    clf = Classifier(
+        SavedModel(
+            net=result.net.eval(),
+            classes=prepared.classes,
+            preprocess=result.preprocess,
+            body=result.body,
+            head=result.head,
+            strategy=config.strategy,
+            config=config.to_dict(),
+        )
     )
-    clf = Classifier(saved)
     if ctx.extractor is not None and not result.body.get("trained"):
         clf._extractor = ctx.extractor  # same body: reuse its runtime and cache namespace
+    clf.metrics = _fit_metrics(clf, prepared, result, ctx)
+    clf.metrics["timings"]["total_s"] = time.perf_counter() - t_start
+    clf.history = result.history
+    clf.data_summary = prepared.summary()
+    if out_path is not None and is_rank_zero():
+        clf.save(out_path)
+    return clf
+
+
+def _fit_metrics(
+    clf: Classifier, prepared: PreparedData, result: StrategyResult, ctx: StrategyContext
+) -> dict[str, Any]:
+    """val/test classification reports (from the strategy's probabilities when it has them,
+    else by running the trained model), plus the run's timings and strategy details."""
     metrics: dict[str, Any] = {}
     for name in ("val", "test"):
         split = prepared.splits.get(name)
@@ -122,19 +137,13 @@ def fit(
         probs = result.probs.get(name)
         if probs is None:
             probs = clf.predict_proba_split(split)
-        metrics[name] = classification_report(split.labels, probs, saved.classes)
-    metrics["strategy"] = config.strategy
-    metrics["timings"] = {**ctx.timings, "train_s": train_s}
-    metrics["timings"]["total_s"] = time.perf_counter() - t_start
+        metrics[name] = classification_report(split.labels, probs, clf.classes)
+    metrics["strategy"] = ctx.config.strategy
+    metrics["timings"] = dict(ctx.timings)
     metrics["info"] = result.info
     if ctx.extract_stats:
         metrics["extraction"] = ctx.extract_stats
-    clf.metrics = metrics
-    clf.history = result.history
-    clf.data_summary = prepared.summary()
-    if out_path is not None and is_rank_zero():
-        clf.save(out_path)
-    return clf
+    return metrics
 
 
 class Classifier:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import json
 import sys
 import typing
 from collections.abc import Callable
@@ -165,42 +164,6 @@ def fit(
 
 
 @app.command()
-def evaluate(
-    run: Path = typer.Argument(..., help="A run folder written by `fit`."),
-    data: Path = typer.Argument(..., help="The dataset to evaluate on."),
-    split: str = typer.Option("test", help="train | val | test"),
-    json_out: Path | None = typer.Option(None, "--json", help="Also write the metrics here."),
-    tta: str = typer.Option("none", help="none | flip | flip5crop (test-time augmentation)."),
-    calibrate: bool = typer.Option(False, help="Fit a temperature on val; store it in the model."),
-    report_dir: Path | None = typer.Option(None, "--report", help="Write DIR/report.html."),
-) -> None:
-    """Accuracy with 95% CI, balanced accuracy, per-class P/R/F1, confusion matrix, ECE."""
-    import transferlab
-
-    clf = transferlab.load(run)
-    if tta != "none" or calibrate or report_dir is not None:
-        from transferlab.cli_see import evaluate_run
-
-        report = evaluate_run(
-            run, data, split=split, tta=tta, calibrate=calibrate, report_dir=report_dir
-        )["report"]
-    else:
-        report = clf.evaluate(data, split=split)
-    from transferlab.evaluation.metrics import format_report_table
-
-    out_console.print(format_report_table(report, clf.classes, title=split))
-    table = Table(title="confusion matrix (rows: true)")
-    table.add_column("")
-    for c in clf.classes:
-        table.add_column(c, justify="right")
-    for c, row in zip(clf.classes, report["confusion_matrix"], strict=True):
-        table.add_row(c, *map(str, row))
-    out_console.print(table)
-    if json_out:
-        json_out.write_text(json.dumps(report, indent=2))
-
-
-@app.command()
 def backbones(
     filter: str | None = typer.Option(None, "--filter", "-f", help="Substring, e.g. mobilenet."),
     weights_dir: list[Path] = typer.Option([], help="Extra folders holding local-dir models."),
@@ -239,10 +202,11 @@ def ladder(
     """The tutorial's comparison: scratch CNNs vs frozen features vs fine-tuning, same splits."""
     cfg = _config(options)
     from transferlab.ladder import ladder as run_ladder
+    from transferlab.ladder import markdown_table
 
     names = [r.strip() for r in rungs.split(",")] if rungs else None
     report = run_ladder(data, out=out, rungs=names, seeds=seeds, quick=quick, config=cfg)
-    out_console.print((out / "ladder.md").read_text(), highlight=False, soft_wrap=True)
+    out_console.print(markdown_table(report), highlight=False, soft_wrap=True)
     from transferlab.evaluation.report import best_rung
 
     best = best_rung(report)

@@ -1,22 +1,24 @@
-"""CLI commands for understanding a run: ``report``, ``compare``, and the work behind
-``evaluate --tta/--calibrate/--report``.
+"""CLI commands for understanding a run: ``evaluate``, ``report``, ``compare``.
 
-``cli.py`` calls :func:`register` once to add the commands to its typer app, and its
-``evaluate`` command hands the extra options to :func:`evaluate_run`.
+``cli.py`` calls :func:`register` once to add the commands to its typer app. Each command parses
+its options, calls the Python API (``transferlab.api.evaluate_run``, ``evaluation.report``,
+``evaluation.compare``) and prints.
 """
 
 from __future__ import annotations
 
-import os
+import json
 from pathlib import Path
 from typing import Any
 
 import typer
 from rich.table import Table
 
+from transferlab.config import TTA_MODES
+from transferlab.errors import TransferlabError
 from transferlab.progress import out_console, say
 
-__all__ = ["evaluate_run", "register"]
+__all__ = ["register"]
 
 
 def _fmt_acc(m: dict[str, Any] | None) -> str:
@@ -26,22 +28,43 @@ def _fmt_acc(m: dict[str, Any] | None) -> str:
     return f"{m['accuracy']:.4f} [{lo:.4f}–{hi:.4f}] n={m['n']}"
 
 
-def evaluate_run(
-    run: str | os.PathLike[str],
-    data: str | os.PathLike[str],
-    *,
-    split: str = "test",
-    tta: str | bool | None = None,
-    calibrate: bool = False,
-    report_dir: str | os.PathLike[str] | None = None,
-) -> dict[str, Any]:
-    """``transferlab evaluate`` with its extras: :func:`transferlab.api.evaluate_run`, one line
-    per extra, and ``report_dir/report.html`` when asked. Returns ``{"split", "report",
-    "calibration", "tta", "report_path"}``."""
-    from transferlab.api import evaluate_run as evaluate_saved_run
+def evaluate(
+    run: Path = typer.Argument(..., help="A run folder written by `fit`."),
+    data: Path = typer.Argument(..., help="The dataset to evaluate on."),
+    split: str = typer.Option("test", help="train | val | test"),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the metrics here."),
+    tta: str = typer.Option("none", help="none | flip | flip5crop (test-time augmentation)."),
+    calibrate: bool = typer.Option(False, help="Fit a temperature on val; store it in the model."),
+    report_dir: Path | None = typer.Option(None, "--report", help="Write DIR/report.html."),
+) -> None:
+    """Accuracy with 95% CI, balanced accuracy, per-class P/R/F1, confusion matrix, ECE."""
+    from transferlab.api import evaluate_run
+    from transferlab.evaluation.metrics import format_report_table
 
-    res = evaluate_saved_run(run, data, split=split, tta=tta, calibrate=calibrate)
-    report = res.report
+    if tta not in TTA_MODES:
+        raise TransferlabError(f"--tta takes one of {', '.join(TTA_MODES)}; got {tta!r}")
+    res = evaluate_run(run, data, split=split, tta=tta, calibrate=calibrate)
+    report, classes = res.report, res.classifier.classes
+    _say_extras(report, split, run)
+    if report_dir is not None:
+        from transferlab.evaluation.report import build_report
+        from transferlab.runs import REPORT_FILE
+
+        out = Path(report_dir) / REPORT_FILE
+        build_report(run, data=data, out=out, classifier=res.classifier, prepared=res.prepared)
+    out_console.print(format_report_table(report, classes, title=split))
+    table = Table(title="confusion matrix (rows: true)")
+    table.add_column("")
+    for c in classes:
+        table.add_column(c, justify="right")
+    for c, row in zip(classes, report["confusion_matrix"], strict=True):
+        table.add_row(c, *map(str, row))
+    out_console.print(table)
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=2))
+
+
+def _say_extras(report: dict[str, Any], split: str, run: Path) -> None:
     cal, info = report.get("calibration"), report.get("tta")
     if cal is not None:
         c = cal[split] if split in cal else cal["val"]
@@ -55,95 +78,77 @@ def evaluate_run(
             f"{split} accuracy plain {_fmt_acc(info['plain'])} | TTA {info['mode']} "
             f"({info['views']} views) {_fmt_acc(info['tta'])}"
         )
-    report_path = None
-    if report_dir is not None:
-        from transferlab.evaluation.report import build_report
-        from transferlab.runs import REPORT_FILE
-
-        report_path = str(
-            build_report(
-                run,
-                data=data,
-                out=Path(report_dir) / REPORT_FILE,
-                classifier=res.classifier,
-                prepared=res.prepared,
-            )
-        )
-    return {
-        "split": split,
-        "report": report,
-        "calibration": cal,
-        "tta": info,
-        "report_path": report_path,
-    }
 
 
 def register(app: typer.Typer) -> None:
     """Add ``report`` and ``compare`` to the transferlab CLI app."""
+    app.command("evaluate")(evaluate)
+    app.command("report")(report)
+    app.command("compare")(compare)
 
-    @app.command()
-    def report(
-        run: Path = typer.Argument(..., help="A run folder (or a ladder folder with ladder.json)."),
-        data: Path | None = typer.Option(
-            None, help="The dataset, if it moved since the run (default: paths in data.json)."
-        ),
-        out: Path | None = typer.Option(None, help="HTML file to write (default RUN/report.html)."),
-        ladder: Path | None = typer.Option(None, help="A ladder.json to add as a comparison."),
-        gradcam: int = typer.Option(4, help="Test images explained with Grad-CAM (0: none)."),
-        top_k: int = typer.Option(12, help="Images in the top-loss and suspect galleries."),
-        suspects: bool | None = typer.Option(
-            None, help="List training images whose label an out-of-fold head disputes."
-        ),
-    ) -> None:
-        """One self-contained HTML page: data, curves, metrics with CIs, calibration, errors."""
-        from transferlab.evaluation.report import build_report
 
-        path = build_report(
-            run,
-            data=data,
-            out=out,
-            ladder=ladder,
-            gradcam=gradcam,
-            top_k=top_k,
-            suspects=suspects,
-        )
-        say(f"wrote {path}")
+def report(
+    run: Path = typer.Argument(..., help="A run folder (or a ladder folder with ladder.json)."),
+    data: Path | None = typer.Option(
+        None, help="The dataset, if it moved since the run (default: paths in data.json)."
+    ),
+    out: Path | None = typer.Option(None, help="HTML file to write (default RUN/report.html)."),
+    ladder: Path | None = typer.Option(None, help="A ladder.json to add as a comparison."),
+    gradcam: int = typer.Option(4, help="Test images explained with Grad-CAM (0: none)."),
+    top_k: int = typer.Option(12, help="Images in the top-loss and suspect galleries."),
+    suspects: bool | None = typer.Option(
+        None, help="List training images whose label an out-of-fold head disputes."
+    ),
+) -> None:
+    """One self-contained HTML page: data, curves, metrics with CIs, calibration, errors."""
+    from transferlab.evaluation.report import build_report
 
-    @app.command()
-    def compare(
-        runs: list[Path] = typer.Argument(..., help="Two or more run folders."),
-        data: Path | None = typer.Option(
-            None, help="Score every run on this dataset's test split (paired McNemar test)."
-        ),
-        out: Path = typer.Option(Path("runs/compare"), help="Folder for compare.json/.png."),
-    ) -> None:
-        """Accuracy with 95% CIs per run, and McNemar's test when they share a test set."""
-        from transferlab.evaluation.analysis import compare_runs
+    path = build_report(
+        run,
+        data=data,
+        out=out,
+        ladder=ladder,
+        gradcam=gradcam,
+        top_k=top_k,
+        suspects=suspects,
+    )
+    say(f"wrote {path}")
 
-        res = compare_runs(runs, data, out=out)
-        table = Table(title="runs")
-        for col in ("run", "strategy", "val accuracy [95% CI]", "test accuracy [95% CI]"):
-            table.add_column(col)
-        for r in res["runs"]:
-            table.add_row(r["name"], str(r["strategy"]), _fmt_acc(r["val"]), _fmt_acc(r["test"]))
-        out_console.print(table)
-        if res["mcnemar"]:
-            t = Table(title="McNemar's test (paired, same test images)")
-            for col in ("A", "B", "only A right", "only B right", "p-value", "method"):
-                t.add_column(col)
-            for p in res["mcnemar"]:
-                t.add_row(
-                    p["a"],
-                    p["b"],
-                    str(p["only_a_correct"]),
-                    str(p["only_b_correct"]),
-                    f"{p['p_value']:.4g}",
-                    p["method"],
-                )
-            out_console.print(t)
-        say(res["note"])
-        if res["skipped"]:
-            say(f"skipped {len(res['skipped'])} unusable image(s) of {data} (in compare.json)")
-        if res["chart"]:
-            say(f"chart: {res['chart']}")
-        say(f"wrote {Path(out) / 'compare.json'}")
+
+def compare(
+    runs: list[Path] = typer.Argument(..., help="Two or more run folders."),
+    data: Path | None = typer.Option(
+        None, help="Score every run on this dataset's test split (paired McNemar test)."
+    ),
+    out: Path = typer.Option(Path("runs/compare"), help="Folder for compare.json/.png."),
+) -> None:
+    """Accuracy with 95% CIs per run, and McNemar's test when they share a test set."""
+    from transferlab.evaluation.compare import compare_runs
+
+    res = compare_runs(runs, data, out=out)
+    table = Table(title="runs")
+    for col in ("run", "strategy", "val accuracy [95% CI]", "test accuracy [95% CI]"):
+        table.add_column(col)
+    for r in res["runs"]:
+        table.add_row(r["name"], str(r["strategy"]), _fmt_acc(r["val"]), _fmt_acc(r["test"]))
+    out_console.print(table)
+    if res["mcnemar"]:
+        t = Table(title="McNemar's test (paired, same test images)")
+        for col in ("A", "B", "only A right", "only B right", "p-value", "method"):
+            t.add_column(col)
+        for p in res["mcnemar"]:
+            t.add_row(
+                p["a"],
+                p["b"],
+                str(p["only_a_correct"]),
+                str(p["only_b_correct"]),
+                f"{p['p_value']:.4g}",
+                p["method"],
+            )
+        out_console.print(t)
+    say(res["note"])
+    if res["skipped"]:
+        say(f"skipped {len(res['skipped'])} unusable image(s) of {data} (in compare.json)")
+    if res["chart"]:
+        say(f"chart: {res['chart']}")
+    say(f"wrote {Path(out) / 'compare.json'}")

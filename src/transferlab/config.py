@@ -26,6 +26,8 @@ PRECISIONS: tuple[str, ...] = (
     "32-true", "bf16-mixed", "16-mixed", "64-true", "bf16-true", "16-true"
 )  # fmt: skip
 MIN_IMAGE_SIZE = 16
+# test-time augmentation: "flip" = image + mirror (2 views), "flip5crop" = 5 crops x mirror (10)
+TTA_MODES: tuple[str, ...] = ("none", "flip", "flip5crop")
 
 
 def _opt(default: Any, help: str) -> Any:

@@ -19,8 +19,10 @@ from transferlab.api import fit
 from transferlab.config import FitConfig
 from transferlab.data.prepared import prepare_data
 from transferlab.errors import TransferlabError
+from transferlab.evaluation.plots import plot_compare, plot_learning_curves
 from transferlab.evaluation.report import write_report
 from transferlab.progress import info
+from transferlab.runs import CURVES_PNG, HISTORY_FILE, LADDER_FILE, LADDER_MD, LADDER_PNG
 
 # The scratch rungs are the expensive ones on a CPU: 15 epochs at the tutorial's 150x150 show
 # the overfitting story and keep the whole default ladder inside 30 min on 2 cores.
@@ -121,8 +123,8 @@ def ladder(
         "quick": quick,
         "rungs": results,
     }
-    (out / "ladder.json").write_text(json.dumps(report, indent=2))
-    (out / "ladder.md").write_text(markdown_table(report))
+    (out / LADDER_FILE).write_text(json.dumps(report, indent=2))
+    (out / LADDER_MD).write_text(markdown_table(report))
     _charts(report, out)
     write_report(out)
     return report
@@ -203,15 +205,13 @@ def markdown_table(report: dict[str, Any]) -> str:
 
 def _charts(report: dict[str, Any], out: Path) -> None:
     """Each rung's two-panel accuracy/loss curves (the tutorial's figure) and one comparison."""
-    from transferlab.evaluation.plots import plot_compare, plot_learning_curves
-
     for rung in report["rungs"]:
         for run in rung["runs"]:
-            history = Path(run["run_dir"]) / "history.json"
+            history = Path(run["run_dir"]) / HISTORY_FILE
             if history.is_file():
                 rows = json.loads(history.read_text())
                 if rows:
                     plot_learning_curves(
-                        rows, title=rung["name"], out=Path(run["run_dir"]) / "curves.png"
+                        rows, title=rung["name"], out=Path(run["run_dir"]) / CURVES_PNG
                     )
-    plot_compare(report["rungs"], title="ladder: accuracy with 95% CI", out=out / "ladder.png")
+    plot_compare(report["rungs"], title="ladder: accuracy with 95% CI", out=out / LADDER_PNG)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from transferlab.config import FitConfig
+from transferlab.config import TTA_MODES, FitConfig
 from transferlab.data.discover import DatasetIndex
 from transferlab.data.images import file_digest
 from transferlab.data.loader import iter_decoded
@@ -38,12 +38,10 @@ if TYPE_CHECKING:
     from transferlab.api import Classifier
 
 __all__ = [
-    "SUMMARY_KEYS", "TTA_MODES", "calibrate", "classifier_split", "evaluate_split", "head_logits",
+    "SUMMARY_KEYS", "calibrate", "classifier_split", "evaluate_split", "head_logits",
     "prepare_run_data", "resolve_splits", "split_features", "split_logits", "tta_probs",
 ]  # fmt: skip
 
-# "flip" = image + mirror (2 views), "flip5crop" = 5 crops x mirror (10 views)
-TTA_MODES = ("none", "flip", "flip5crop")
 SUMMARY_KEYS = ("n", "accuracy", "accuracy_ci95", "balanced_accuracy", "log_loss", "ece")
 _EPS = 1e-15  # probability floor for -log p (a confident miss costs ~34.5, not inf)
 
@@ -107,6 +105,18 @@ def resolve_splits(
         return {name: prepared.splits[name] for name in names if name in prepared.splits}
 
     summary = source if run is None else read_run_json(run, DATA_FILE)
+    return _recorded_splits(summary, run, names, classes, digests=digests)
+
+
+def _recorded_splits(
+    summary: Mapping[str, Any] | None,
+    run: Path | None,
+    names: Sequence[str],
+    classes: Sequence[str] | None,
+    *,
+    digests: bool,
+) -> dict[str, Split]:
+    """The exact images a run saw (its data summary), minus the ones it skipped."""
     if not summary or "index" not in summary:
         raise TransferlabError(
             f"{run or 'this model'}: no data summary (data.json) to find the run's images "
