@@ -267,26 +267,12 @@ def explain(
 ) -> None:
     """Class activation maps (HiResCAM/Grad-CAM); feature maps; bottleneck; first-layer filters."""
     import transferlab
-    from transferlab.data.images import load_image
-    from transferlab.evaluation import explain as ex
+    from transferlab.evaluation.explain import explain_files
 
-    clf = transferlab.load(run)
-    pre = clf.saved.preprocess
-    arrays = [load_image(p, pre) for p in images]
-    net = clf.net.eval()
-    written = ex.save_explanations(
-        net, arrays, images, clf.classes, pre.mean, pre.std, out,
-        target_class=target_class, target_layer=layer, method=method, input_size=pre.input_size,
+    written = explain_files(
+        transferlab.load(run), images, out,
+        target_class=target_class, layer=layer, method=method, maps=maps,
     )  # fmt: skip
-    if maps:
-        for path, arr in zip(images, arrays, strict=True):
-            x = ex.normalize(arr, pre.mean, pre.std)
-            stem = Path(path).stem
-            fm = ex.feature_maps(net, x, input_size=pre.input_size)
-            written.append(ex.plot_feature_maps(fm, out / f"{stem}_feature_maps.png"))
-            vec = ex.bottleneck_vector(net, x)
-            written.append(ex.plot_bottleneck(vec, out / f"{stem}_bottleneck.png"))
-        written.append(ex.plot_filters(ex.first_layer_filters(net), out / "filters.png"))
     for w in written:
         out_console.print(str(w))
 
@@ -301,14 +287,9 @@ def convolve(
     out: Path = typer.Option(Path("convolution.png")),
 ) -> None:
     """Teaching demo: apply a 3x3 kernel to an image; input, kernel and output side by side."""
-    import numpy as np
+    from transferlab.evaluation.explain import convolve_file
 
-    from transferlab.data.images import open_rgb
-    from transferlab.evaluation import explain as ex
-
-    k = kernel if kernel in ex.KERNELS else ex.parse_kernel(kernel)
-    rgb = np.asarray(open_rgb(image)).transpose(2, 0, 1)
-    out_console.print(str(ex.plot_convolution(rgb, k, out)))
+    out_console.print(str(convolve_file(image, kernel, out)))
 
 
 from transferlab.cli_see import register as _register_see  # noqa: E402
