@@ -33,16 +33,13 @@ def main() -> None:
     args = ap.parse_args()
 
     import transferlab
-    from transferlab.export import (
-        _exported_module,
-        _ImageSource,
-        _ort_session,
-        export_model,
-    )
+    from transferlab.export import ImageSource, export_model
+    from transferlab.export.module import exported_module
+    from transferlab.export.onnx import ort_session
 
     torch.set_num_threads(args.threads)
     clf = transferlab.load(args.run)
-    images = _ImageSource(clf, args.run, args.data)
+    images = ImageSource(clf, args.run, args.data)
     pool = images.split("test", "val", "train")
     if not pool:
         raise SystemExit("no images on disk for this run: pass --data DIR")
@@ -67,14 +64,14 @@ def main() -> None:
             )
             q = qrep["quantization"]
 
-        eager = _exported_module(clf)
-        fp32 = _ort_session(fp32_path, args.threads, spin=False)
+        eager = exported_module(clf)
+        fp32 = ort_session(fp32_path, args.threads, spin=False)
         engines = {
             "eager PyTorch": lambda: _eager(eager, x),
             "ONNX Runtime fp32": lambda: fp32.run(None, {"images": x}),
         }
         if q is not None:
-            int8 = _ort_session(q_path, args.threads, spin=False)
+            int8 = ort_session(q_path, args.threads, spin=False)
             engines["ONNX Runtime int8"] = lambda: int8.run(None, {"images": x})
         times = _interleaved(engines, args.reps)
 

@@ -354,7 +354,7 @@ def _with_truncated_jpeg(data, dest):
 
 
 def test_given_data_with_a_corrupt_image_is_skipped_like_fit_skips_it(fitted, tmp_path):
-    from transferlab.export import _ImageSource
+    from transferlab.export import ImageSource
 
     data, bad = _with_truncated_jpeg(fitted["data"], tmp_path / "data")
     root = fitted["root"]
@@ -376,7 +376,7 @@ def test_given_data_with_a_corrupt_image_is_skipped_like_fit_skips_it(fitted, tm
     with pytest.raises(TransferlabError, match="differ from the model's"):
         scoring.prepare_run_data(data, fitted["clf"].saved.config, ["red", "blue"])
     # export's image source: the same splits, the corrupt file never offered for calibration
-    source = _ImageSource(fitted["clf"], root / "run_linear", data)
+    source = ImageSource(fitted["clf"], root / "run_linear", data)
     assert bad not in [p for p, _ in source.split("test")]
     assert [p for p, _ in source.split("test")] == splits["test"].paths
 

@@ -143,7 +143,7 @@ def _engine(clf, **kw):
 
 
 def test_walk_is_lazy_and_finds_images_only(photos, monkeypatch):
-    import transferlab.predict as predict_mod
+    import transferlab.predict.sources as sources_mod
 
     gen = iter_sources(photos)
     assert inspect.isgenerator(gen)
@@ -154,7 +154,7 @@ def test_walk_is_lazy_and_finds_images_only(photos, monkeypatch):
         opened.append(path)
         return real_scandir(path)
 
-    monkeypatch.setattr(predict_mod.os, "scandir", counting_scandir)
+    monkeypatch.setattr(sources_mod.os, "scandir", counting_scandir)
     first = next(iter_sources(photos))
     assert first.endswith((".jpg", ".png"))
     # The first file came before the whole tree (root, 3 folders, 3 sub-folders) was listed.

@@ -1,0 +1,103 @@
+"""ONNX: the traced classifier with its metadata inside, and ONNX Runtime sessions to check it."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from transferlab.export.metadata import INPUT_NAME, METADATA_KEY, OUTPUT_NAME
+
+__all__ = [
+    "OPSET", "export_onnx", "ort_session", "run_batched", "set_onnx_metadata", "time_session",
+]  # fmt: skip
+
+OPSET = 17
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, meta: dict[str, Any]) -> None:
+    """Trace ``model`` on ``example`` (batch axis dynamic) into ``path``, ``meta`` included."""
+    import onnx
+
+    with warnings.catch_warnings(), torch.no_grad():
+        # Tracer warnings about shape-dependent Python ints (timm's 'same' padding) are
+        # expected: the spatial size is fixed by the preprocessing, only the batch is dynamic.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            do_constant_folding=True,
+        )
+    proto = onnx.load(str(path))
+    set_onnx_metadata(proto, meta)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+
+
+def set_onnx_metadata(proto: Any, meta: dict[str, Any]) -> None:
+    """Write ``meta`` into the model's ``metadata_props`` (classes and preprocess also apart)."""
+    import onnx
+
+    proto.producer_name = "transferlab"
+    proto.doc_string = (
+        "uint8 RGB NCHW images at the model's input size → class probabilities; "
+        "see metadata_props['transferlab']"
+    )
+    onnx.helper.set_model_props(
+        proto,
+        {
+            METADATA_KEY: json.dumps(meta, ensure_ascii=False),
+            "classes": json.dumps(meta["classes"], ensure_ascii=False),
+            "preprocess": json.dumps(meta["preprocess"], ensure_ascii=False),
+            "input_layout": "NCHW uint8 RGB",
+        },
+    )
+
+
+def ort_session(path: Path, threads: int, *, spin: bool = True) -> Any:
+    """A CPU ONNX Runtime session on ``threads`` threads, every graph optimisation on."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    if not spin:
+        # Idle pool threads otherwise busy-wait after each run, stealing CPU from whatever runs
+        # next (another engine in an interleaved benchmark).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def run_batched(session: Any, images: np.ndarray, batch: int = 32) -> np.ndarray:
+    """The session's output on ``images``, ``batch`` at a time."""
+    outs = [
+        session.run(None, {INPUT_NAME: images[i : i + batch]})[0]
+        for i in range(0, len(images), batch)
+    ]
+    return np.concatenate(outs)
+
+
+def time_session(session: Any, batch: np.ndarray, reps: int = 5) -> float:
+    """Median seconds per batch after one warm-up call."""
+    session.run(None, {INPUT_NAME: batch})
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        session.run(None, {INPUT_NAME: batch})
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
