@@ -13,11 +13,13 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from transferlab import backbones
 from transferlab.backbones import (
     Backbone,
     BackboneInfo,
+    create,
     create_backbone,
+    hub,
+    identity,
     list_backbones,
     stage_modules,
 )
@@ -77,7 +79,7 @@ def test_local_dir_backbone_takes_preprocess_from_config(tiny_dir):
     assert bb.preprocess.mean == (0.5, 0.5, 0.5) and bb.preprocess.std == (0.5, 0.5, 0.5)
     assert bb.preprocess.interpolation == "bilinear"
     assert bb.num_features == 1280
-    assert bb.weights_hash == backbones.file_sha256(tiny_dir / "model.safetensors")
+    assert bb.weights_hash == identity.file_sha256(tiny_dir / "model.safetensors")
     assert len(bb.weights_hash) == 64
     with torch.inference_mode():
         assert bb.model(torch.zeros(2, 3, 64, 64)).shape == (2, 1280)
@@ -145,15 +147,15 @@ def test_random_init_identity_tracks_the_actual_weights():
 
 
 def test_weights_file_is_hashed_once(tiny_dir, monkeypatch):
-    backbones.file_sha256(tiny_dir / "model.safetensors")
+    identity.file_sha256(tiny_dir / "model.safetensors")
     calls = []
-    real = backbones.hashlib.file_digest
-    monkeypatch.setattr(backbones.hashlib, "file_digest", lambda *a: calls.append(1) or real(*a))
-    backbones.file_sha256(tiny_dir / "model.safetensors")
+    real = identity.hashlib.file_digest
+    monkeypatch.setattr(identity.hashlib, "file_digest", lambda *a: calls.append(1) or real(*a))
+    identity.file_sha256(tiny_dir / "model.safetensors")
     assert calls == []
     st = (tiny_dir / "model.safetensors").stat()
     os.utime(tiny_dir / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    backbones.file_sha256(tiny_dir / "model.safetensors")  # touched: hashed again
+    identity.file_sha256(tiny_dir / "model.safetensors")  # touched: hashed again
     assert calls == [1]
 
 
@@ -195,8 +197,8 @@ def test_local_dir_with_wrong_architecture(tmp_path):
 
 
 def _no_cached_weights(monkeypatch):
-    monkeypatch.setattr(backbones, "_cached_weights_file", lambda cfg: None)
-    for var in backbones._PROXY_VARS:
+    monkeypatch.setattr(hub, "cached_weights_file", lambda cfg: None)
+    for var in hub.PROXY_VARS:
         monkeypatch.delenv(var, raising=False)
 
 
@@ -204,12 +206,12 @@ def test_offline_hub_fetch_gives_local_dir_hint(monkeypatch):
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     _no_cached_weights(monkeypatch)
-    monkeypatch.setattr(backbones, "_can_reach", lambda host, **kw: True)
+    monkeypatch.setattr(hub, "can_reach", lambda host, **kw: True)
 
     def fail(*args, **kwargs):
         raise LocalEntryNotFoundError("cannot find the requested files in the local cache")
 
-    monkeypatch.setattr(backbones.timm, "create_model", fail)
+    monkeypatch.setattr(create.timm, "create_model", fail)
     with pytest.raises(TransferlabError) as err:
         create_backbone("resnet18")
     msg = str(err.value)
@@ -219,9 +221,9 @@ def test_offline_hub_fetch_gives_local_dir_hint(monkeypatch):
 
 def test_unreachable_hub_fails_fast_without_downloading(monkeypatch):
     _no_cached_weights(monkeypatch)
-    monkeypatch.setattr(backbones, "_can_reach", lambda host, **kw: False)
+    monkeypatch.setattr(hub, "can_reach", lambda host, **kw: False)
     monkeypatch.setattr(
-        backbones.timm, "create_model", lambda *a, **k: pytest.fail("must not try to download")
+        create.timm, "create_model", lambda *a, **k: pytest.fail("must not try to download")
     )
     with pytest.raises(TransferlabError, match="no network.*local-dir:PATH"):
         create_backbone("mobilenetv2_050.lamb_in1k")
@@ -241,11 +243,11 @@ def test_hub_weights_already_cached_work_offline(tmp_path, monkeypatch):
     model = timm.create_model(TINY_ARCH, pretrained=False)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setattr(backbones, "_can_reach", lambda *a, **k: pytest.fail("probed the net"))
+    monkeypatch.setattr(hub, "can_reach", lambda *a, **k: pytest.fail("probed the net"))
 
     bb = create_backbone(TINY_ARCH)  # default tag resolved and recorded in the spec
     assert bb.spec == "mobilenetv2_050.lamb_in1k" and bb.pretrained
-    assert bb.weights_hash == backbones.file_sha256(weights)
+    assert bb.weights_hash == identity.file_sha256(weights)
     assert bb.preprocess.interpolation == "bicubic"  # the tag's own data config
     [info] = list_backbones("mobilenetv2_050")
     assert info.name == "mobilenetv2_050.lamb_in1k" and info.offline
@@ -265,7 +267,7 @@ def test_weights_loaded_from_an_unknown_place_are_hashed_by_content(tmp_path, mo
     model = timm.create_model(TINY_ARCH, pretrained=False)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setattr(backbones, "_hub_weights_hash", lambda cfg: None)
+    monkeypatch.setattr(create, "_hub_weights_hash", lambda cfg: None)
 
     a, b = create_backbone(TINY_ARCH), create_backbone(TINY_ARCH)
     assert a.weights_hash.startswith("loaded-") and a.weights_hash == b.weights_hash
@@ -291,7 +293,7 @@ def test_hub_model_args_survive_save_and_load(tmp_path, monkeypatch):
     config["model_args"] = {"global_pool": "max"}
     (snap / "config.json").write_text(json.dumps(config))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setattr(backbones, "_can_reach", lambda *a, **k: pytest.fail("probed the net"))
+    monkeypatch.setattr(hub, "can_reach", lambda *a, **k: pytest.fail("probed the net"))
 
     bb = create_backbone("hf-hub:someone/maxpool-mnv2")
     recipe = timm_body_recipe(bb.spec, bb.model)

@@ -16,6 +16,7 @@ from transferlab.backbones import Backbone, create_backbone
 from transferlab.errors import TransferlabError
 from transferlab.preprocess import Preprocess
 from transferlab.runtime import EngineFallbackWarning, FeatureRuntime, make_runtime
+from transferlab.runtime.engines import OnnxRuntime
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SHARED_MNV2 = SHARED / "weights" / "mobilenetv2_100.tf_quant_in1k"
@@ -123,8 +124,8 @@ def test_failing_export_falls_back_to_torch_with_one_warning(tiny, tmp_path, mon
 
 
 def test_parity_failure_falls_back(tiny, tmp_path, monkeypatch):
-    real_run = runtime.OnnxRuntime._run
-    monkeypatch.setattr(runtime.OnnxRuntime, "_run", lambda self, x: real_run(self, x) + 1e-2)
+    real_run = OnnxRuntime._run
+    monkeypatch.setattr(OnnxRuntime, "_run", lambda self, x: real_run(self, x) + 1e-2)
     with pytest.warns(EngineFallbackWarning, match="differ from torch"):
         rt = make_runtime(tiny, engine="onnxruntime", export_dir=tmp_path)
     assert rt.engine == "torch"
@@ -211,7 +212,7 @@ print("handled" if ran else "not handled")
 def test_openvino_models_freed_out_of_order_keep_signals_deliverable(tmp_path):
     # OpenVINO swaps the compiling thread's signal stack and restores a freed one when models
     # die out of order; the next handled signal then killed the process (SIGSEGV, see
-    # runtime.keep_signal_stack). Run in a child: the failure mode is a crash.
+    # runtime.openvino_engine.keep_signal_stack). Run in a child: the failure mode is a crash.
     import subprocess
     import sys
 

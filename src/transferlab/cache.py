@@ -63,7 +63,7 @@ class FeatureCache:
 
     @property
     def exports_dir(self) -> Path:
-        """Where runtime.py keeps exported ONNX graphs (created on first export)."""
+        """Where the feature runtimes keep exported ONNX graphs (created on first export)."""
         return self.root / "exports"
 
     def namespace(self, backbone_identity: str) -> FeatureStore:

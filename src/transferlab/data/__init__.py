@@ -1,7 +1,12 @@
 """From files on disk to uint8 arrays the backbone can eat.
 
-- :mod:`~transferlab.data.discover`: any supported layout → a :class:`DatasetIndex` of
-  (path, label, split) rows, reproducible carved splits, listed problems, leakage checks.
+- :mod:`~transferlab.data.layouts`: the four layouts (split folders, class folders, labels in
+  file names, a CSV) → labelled files.
+- :mod:`~transferlab.data.discover`: those → a :class:`DatasetIndex` of (path, label, split)
+  rows, reproducible carved splits, listed problems, leakage checks.
+- :mod:`~transferlab.data.scan` and :mod:`~transferlab.data.prepared`: every file read once
+  (digest + decode check) → the :class:`Split` s a strategy trains on, skipped files reported.
+- :mod:`~transferlab.data.dataset`: the training engine's ``Dataset`` (augmented views).
 - :mod:`~transferlab.data.split`: the ``transferlab split`` command's folder materialiser.
 - :mod:`~transferlab.data.images`: safe decoding (clear errors, every colour mode → RGB) and the
   backbone's eval geometry.

@@ -1,13 +1,7 @@
 """Turn whatever the user points at into one index of (path, label, split) rows.
 
-Supported layouts, tried in this order:
-
-1. ``root/{train,val,test}/<class>/...`` ("split_folders"; ``valid``/``validation`` mean val,
-   val and test are optional and carved from train when missing),
-2. ``root/<class>/...`` ("class_folders"; train/val/test carved automatically),
-3. a flat folder whose file names carry the label, like Kaggle's ``cat.123.jpg`` ("file_names";
-   also used whenever ``label_regex`` is given),
-4. a CSV file with ``path,label[,split]`` columns ("csv").
+:mod:`~transferlab.data.layouts` finds the labelled files (four layouts); this module carves the
+splits the source lacks and keeps the result as a :class:`DatasetIndex`.
 
 Carved splits are stratified and reproducible on any machine: per class, files are sorted (by the
 number in ``label.N.ext`` names, else by name), shuffled with ``random.Random(seed)`` and sliced
@@ -19,7 +13,6 @@ skipped files are listed in ``problems``; anything that makes the data unusable 
 from __future__ import annotations
 
 import copy
-import csv
 import math
 import os
 import random
@@ -29,32 +22,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transferlab.data.images import IMAGE_EXTENSIONS
+from transferlab.data.layouts import SPLITS, LabelledFiles, list_labelled
 from transferlab.errors import TransferlabError
 
 __all__ = [
-    "SPLITS",
     "DatasetIndex",
     "Sample",
-    "LabelledFiles",
     "discover",
     "find_cross_split_duplicates",
     "find_duplicates",
-    "list_labelled",
     "seeded_order",
 ]
 
-SPLITS = ("train", "val", "test")
-_SPLIT_NAMES = {
-    "train": "train",
-    "val": "val",
-    "valid": "val",
-    "validation": "val",
-    "test": "test",
-}
-_IGNORED_DIRS = frozenset({"__MACOSX"})
 _KAGGLE_NAME = re.compile(r"[^.]+\.(\d+)\.[^.]+")
-_MAX_LISTED = 5
+_METHOD = (
+    "per class: sort (label.N.ext by N, else by name), "
+    "random.Random(seed).shuffle, slices train, val, test"
+)
 
 
 @dataclass
@@ -133,13 +117,13 @@ class DatasetIndex:
 
 
 @dataclass
-class LabelledFiles:
-    """Labelled files found under a source before any split is carved (``split`` may be None)."""
+class _Carving:
+    """Which splits are carved, from which pool (``pool_split`` None: every file of a class)."""
 
-    root: str
-    layout: str
-    items: list[tuple[str, str, str | None]]  # (absolute path, label, split or None)
-    problems: list[str]
+    splits: list[str]
+    pool_split: str | None
+    fractions: dict[str, float]
+    seed: int
 
 
 def discover(
@@ -162,24 +146,8 @@ def discover(
         )
     found = list_labelled(source, label_regex=label_regex)
     problems = list(found.problems)
-    classes = sorted({label for _, label, _ in found.items})
-    if len(classes) < 2:
-        only = f" {classes[0]!r}" if classes else ""
-        raise TransferlabError(
-            f"{found.root}: found only one class{only} ({len(found.items)} images); a classifier "
-            "needs at least two: add a folder (or file-name label) per class"
-        )
-
-    present = {split for _, _, split in found.items if split is not None}
-    if present:
-        _check_split_classes(found, present, problems)
-        carve = [s for s in ("val", "test") if s not in present]
-        pool_split: str | None = "train"
-    else:
-        carve = ["val", "test"]
-        pool_split = None
-    fractions = {"val": val_fraction, "test": test_fraction}
-    carve = [s for s in carve if fractions[s] > 0]
+    classes = _classes_of(found)
+    carving = _plan_carving(found, problems, {"val": val_fraction, "test": test_fraction}, seed)
 
     by_class: dict[str, list[tuple[str, str | None]]] = defaultdict(list)
     for path, label, split in found.items:
@@ -187,36 +155,20 @@ def discover(
     base = _base_dir(found.root, found.layout)
     samples: list[Sample] = []
     for label in classes:
-        fixed = [(p, s) for p, s in by_class[label] if s is not None and s != pool_split]
-        pool = [p for p, s in by_class[label] if s == pool_split]
-        samples += [Sample(p, label, s) for p, s in fixed]
-        if not carve:
-            samples += [Sample(p, label, "train") for p in pool]
-            continue
-        counts = _carve_counts(len(pool), [fractions[s] for s in carve])
-        if counts is None:
-            raise _too_small(found, label, len(pool), pool_split, carve, fractions)
-        shuffled = seeded_order(pool, base, seed)
-        n_train = len(pool) - sum(counts)
-        samples += [Sample(p, label, "train") for p in shuffled[:n_train]]
-        start = n_train
-        for split, n in zip(carve, counts, strict=True):
-            samples += [Sample(p, label, split) for p in shuffled[start : start + n]]
-            start += n
+        samples += _assign_class(found, label, by_class[label], carving, base)
 
     order = {s: i for i, s in enumerate(SPLITS)}
     class_pos = {c: i for i, c in enumerate(classes)}
     samples.sort(key=lambda s: (order[s.split], class_pos[s.label], _file_key(s.path, base)))
     generated = None
-    if carve:
+    if carving.splits:
         generated = {
-            "from": "train" if pool_split else "all",
-            "splits": carve,
-            "val_fraction": val_fraction if "val" in carve else None,
-            "test_fraction": test_fraction if "test" in carve else None,
+            "from": "train" if carving.pool_split else "all",
+            "splits": carving.splits,
+            "val_fraction": val_fraction if "val" in carving.splits else None,
+            "test_fraction": test_fraction if "test" in carving.splits else None,
             "seed": seed,
-            "method": "per class: sort (label.N.ext by N, else by name), "
-            "random.Random(seed).shuffle, slices train, val, test",
+            "method": _METHOD,
         }
     return DatasetIndex(
         root=found.root,
@@ -226,69 +178,6 @@ def discover(
         generated_split=generated,
         problems=problems,
     )
-
-
-def list_labelled(
-    source: str | os.PathLike[str], *, label_regex: str | None = None
-) -> LabelledFiles:
-    """Find every labelled image under ``source`` (any layout) without carving splits."""
-    root = os.path.abspath(os.fspath(source))
-    if not os.path.exists(root):
-        raise TransferlabError(f"{root}: no such file or folder; check the path")
-    if os.path.isfile(root):
-        if root.lower().endswith(".csv"):
-            return _scan_csv(root)
-        raise TransferlabError(
-            f"{root}: is a file; point at a folder of images or a .csv with path,label columns"
-        )
-    problems: list[str] = []
-    if label_regex is not None:
-        pattern = _compile_label_regex(label_regex)
-        files = _walk_images(root, problems)
-        items = _labels_from_names(root, files, pattern, problems)
-        return LabelledFiles(root, "file_names", items, problems)
-
-    dirs, files = _list_dir(root)
-    splits: dict[str, str] = {}
-    for d in dirs:
-        canonical = _SPLIT_NAMES.get(os.path.basename(d).lower())
-        if canonical is None:
-            continue
-        if canonical in splits:
-            raise TransferlabError(
-                f"{root}: both {os.path.basename(splits[canonical])!r} and "
-                f"{os.path.basename(d)!r} look like the {canonical} split; keep one of them"
-            )
-        splits[canonical] = d
-    if splits:
-        if "train" not in splits:
-            raise TransferlabError(
-                f"{root}: found {', '.join(sorted(splits))} folder(s) but no 'train' folder; "
-                "add root/train/<class>/ or put the class folders directly under the root"
-            )
-        return _scan_split_folders(root, splits, dirs, files, problems)
-
-    items: list[tuple[str, str, str | None]] = []
-    class_dirs = []
-    for d in dirs:
-        images = _walk_images(d, problems)
-        if images:
-            class_dirs.append(d)
-            items += [(p, os.path.basename(d), None) for p in images]
-        else:
-            problems.append(f"ignored folder with no images: {d}")
-    if class_dirs:
-        _report_loose_files(files, problems, "image outside a class folder")
-        return LabelledFiles(root, "class_folders", items, problems)
-
-    images = _keep_images(files, problems)
-    if not images:
-        raise TransferlabError(
-            f"{root}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}); "
-            "put them in root/<class>/ folders, or name them like cat.1.jpg"
-        )
-    items = _labels_from_names(root, images, None, problems)
-    return LabelledFiles(root, "file_names", items, problems)
 
 
 def seeded_order(paths: list[str], base: str, seed: int) -> list[str]:
@@ -330,152 +219,60 @@ def find_duplicates(samples: list[Sample], digests: dict[str, str]) -> list[list
 
 
 # --------------------------------------------------------------------------------------------
-# layouts
-
-
-def _scan_split_folders(
-    root: str, splits: dict[str, str], dirs: list[str], files: list[str], problems: list[str]
-) -> LabelledFiles:
-    for d in dirs:
-        if d not in splits.values():
-            problems.append(f"ignored folder (not train/val/test): {d}")
-    _report_loose_files(files, problems, "image outside a split folder")
-    items: list[tuple[str, str, str | None]] = []
-    for split in SPLITS:
-        if split not in splits:
-            continue
-        class_dirs, loose = _list_dir(splits[split])
-        _report_loose_files(loose, problems, "image outside a class folder")
-        for d in class_dirs:
-            images = _walk_images(d, problems)
-            if not images:
-                problems.append(f"ignored folder with no images: {d}")
-            items += [(p, os.path.basename(d), split) for p in images]
-    if not items:
-        raise TransferlabError(
-            f"{root}: no images found in {', '.join(sorted(splits.values()))}; "
-            "expected root/train/<class>/<image files>"
-        )
-    return LabelledFiles(root, "split_folders", items, problems)
-
-
-def _scan_csv(csv_path: str) -> LabelledFiles:
-    base = os.path.dirname(csv_path)
-    problems: list[str] = []
-    try:
-        with open(csv_path, encoding="utf-8-sig", newline="") as fh:
-            reader = csv.DictReader(fh)
-            columns = {(name or "").strip().lower(): name for name in reader.fieldnames or []}
-            if "path" not in columns or "label" not in columns:
-                found = ", ".join(repr(c) for c in columns) or "none"
-                raise TransferlabError(
-                    f"{csv_path}: needs a header with 'path' and 'label' columns "
-                    f"(and optionally 'split'); found columns: {found}"
-                )
-            rows = [
-                (
-                    reader.line_num,
-                    (row.get(columns["path"]) or "").strip(),
-                    (row.get(columns["label"]) or "").strip(),
-                    (row.get(columns["split"]) or "").strip() if "split" in columns else None,
-                )
-                for row in reader
-            ]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise TransferlabError(f"{csv_path}: cannot read the CSV: {exc}") from None
-
-    items: list[tuple[str, str, str | None]] = []
-    missing: list[str] = []
-    seen: dict[str, int] = {}
-    for line, rel, label, split_value in rows:
-        if not rel or not label:
-            problems.append(f"{csv_path}:{line}: empty path or label, row skipped")
-            continue
-        path = os.path.normpath(os.path.join(base, rel))
-        if not os.path.isfile(path):
-            missing.append(rel)
-            continue
-        if os.path.splitext(path)[1].lower() not in IMAGE_EXTENSIONS:
-            problems.append(f"skipped non-image file: {path}")
-            continue
-        if path in seen:
-            problems.append(f"{csv_path}:{line}: {rel} is already on line {seen[path]}, skipped")
-            continue
-        seen[path] = line
-        split: str | None = None
-        if split_value is not None:
-            split = _SPLIT_NAMES.get(split_value.lower())
-            if split is None:
-                raise TransferlabError(
-                    f"{csv_path}:{line}: split {split_value!r} is not one of train, val, test; "
-                    "fill the split column for every row, or drop the column to split automatically"
-                )
-        items.append((path, label, split))
-    if missing:
-        listed = ", ".join(missing[:_MAX_LISTED])
-        more = f" and {len(missing) - _MAX_LISTED} more" if len(missing) > _MAX_LISTED else ""
-        raise TransferlabError(
-            f"{csv_path}: {len(missing)} row(s) point to missing files: {listed}{more}; "
-            f"relative paths are read from the CSV's folder {base}"
-        )
-    if not items:
-        raise TransferlabError(f"{csv_path}: no usable image rows; add rows of path,label")
-    return LabelledFiles(csv_path, "csv", items, problems)
-
-
-def _labels_from_names(
-    root: str, files: list[str], pattern: re.Pattern[str] | None, problems: list[str]
-) -> list[tuple[str, str, str | None]]:
-    """Label each file from its name; unlabelled names go to problems, none labelled is an error."""
-    items: list[tuple[str, str, str | None]] = []
-    unmatched: list[str] = []
-    for path in files:
-        label = _name_label(os.path.basename(path), pattern)
-        if label:
-            items.append((path, label, None))
-        else:
-            unmatched.append(path)
-    examples = ", ".join(os.path.basename(p) for p in unmatched[:3])
-    if not items and pattern is not None:
-        raise TransferlabError(
-            f"{root}: --label-regex {pattern.pattern!r} matched none of the {len(unmatched)} "
-            f"image file names (e.g. {examples}); the label is the group named 'label', else "
-            "the first group, else the whole match, e.g. '^([a-z]+)_'"
-        )
-    if not items:
-        raise TransferlabError(
-            f"{root}: image file names carry no label (e.g. {examples}); name them like "
-            "cat.1.jpg, pass --label-regex, or sort them into root/<class>/ folders"
-        )
-    why = "does not match --label-regex" if pattern is not None else "no label.N.ext label in name"
-    problems += [f"skipped file, {why}: {p}" for p in unmatched]
-    return items
-
-
-def _name_label(name: str, pattern: re.Pattern[str] | None) -> str:
-    """Kaggle style "cat.12.jpg" → "cat" (text before the first dot, if there are two dots)."""
-    if pattern is None:
-        stem = os.path.splitext(name)[0]
-        return stem.split(".", 1)[0] if "." in stem else ""
-    m = pattern.search(name)
-    if m is None:
-        return ""
-    if "label" in pattern.groupindex:
-        return m.group("label") or ""
-    return (m.group(1) if pattern.groups else m.group(0)) or ""
-
-
-def _compile_label_regex(label_regex: str) -> re.Pattern[str]:
-    try:
-        return re.compile(label_regex)
-    except re.error as exc:
-        raise TransferlabError(
-            f"--label-regex {label_regex!r} is not a valid regular expression: {exc}"
-        ) from None
-
-
-# --------------------------------------------------------------------------------------------
 # splitting
+
+
+def _classes_of(found: LabelledFiles) -> list[str]:
+    classes = sorted({label for _, label, _ in found.items})
+    if len(classes) < 2:
+        only = f" {classes[0]!r}" if classes else ""
+        raise TransferlabError(
+            f"{found.root}: found only one class{only} ({len(found.items)} images); a classifier "
+            "needs at least two: add a folder (or file-name label) per class"
+        )
+    return classes
+
+
+def _plan_carving(
+    found: LabelledFiles, problems: list[str], fractions: dict[str, float], seed: int
+) -> _Carving:
+    """Carve the val/test splits the source lacks (from train when it has splits, else from all)."""
+    present = {split for _, _, split in found.items if split is not None}
+    if present:
+        _check_split_classes(found, present, problems)
+        carve = [s for s in ("val", "test") if s not in present]
+        pool_split: str | None = "train"
+    else:
+        carve = ["val", "test"]
+        pool_split = None
+    carve = [s for s in carve if fractions[s] > 0]
+    return _Carving(carve, pool_split, fractions, seed)
+
+
+def _assign_class(
+    found: LabelledFiles,
+    label: str,
+    files: list[tuple[str, str | None]],
+    carving: _Carving,
+    base: str,
+) -> list[Sample]:
+    """One class's samples: files with a fixed split keep it, the pool is sliced by ``carving``."""
+    fixed = [(p, s) for p, s in files if s is not None and s != carving.pool_split]
+    pool = [p for p, s in files if s == carving.pool_split]
+    samples = [Sample(p, label, s) for p, s in fixed]
+    if not carving.splits:
+        return samples + [Sample(p, label, "train") for p in pool]
+    counts = _carve_counts(len(pool), [carving.fractions[s] for s in carving.splits])
+    if counts is None:
+        raise _too_small(found, label, len(pool), carving)
+    shuffled = seeded_order(pool, base, carving.seed)
+    n_train = len(pool) - sum(counts)
+    samples += [Sample(p, label, "train") for p in shuffled[:n_train]]
+    start = n_train
+    for split, n in zip(carving.splits, counts, strict=True):
+        samples += [Sample(p, label, split) for p in shuffled[start : start + n]]
+        start += n
+    return samples
 
 
 def _carve_counts(n: int, fractions: list[float]) -> list[int] | None:
@@ -484,16 +281,10 @@ def _carve_counts(n: int, fractions: list[float]) -> list[int] | None:
     return counts if n - sum(counts) >= 1 else None
 
 
-def _too_small(
-    found: LabelledFiles,
-    label: str,
-    n: int,
-    pool_split: str | None,
-    carve: list[str],
-    fractions: dict[str, float],
-) -> TransferlabError:
-    where = "in train" if pool_split else "in total"
-    shares = " + ".join(f"{fractions[s]:g} {s}" for s in carve)
+def _too_small(found: LabelledFiles, label: str, n: int, carving: _Carving) -> TransferlabError:
+    where = "in train" if carving.pool_split else "in total"
+    carve = carving.splits
+    shares = " + ".join(f"{carving.fractions[s]:g} {s}" for s in carve)
     return TransferlabError(
         f"{found.root}: class {label!r} has only {n} image(s) {where}, too few to carve "
         f"{' and '.join(carve)} ({shares}); need at least {len(carve) + 1}: add images, "
@@ -521,56 +312,7 @@ def _check_split_classes(found: LabelledFiles, present: set[str], problems: list
 
 
 # --------------------------------------------------------------------------------------------
-# file system
-
-
-def _list_dir(folder: str) -> tuple[list[str], list[str]]:
-    """(sub-folders, files) of ``folder``, hidden entries skipped, sorted for determinism."""
-    dirs, files = [], []
-    try:
-        entries = sorted(os.scandir(folder), key=lambda e: e.name)
-    except OSError as exc:
-        raise TransferlabError(f"{folder}: cannot list folder: {exc.strerror or exc}") from None
-    for entry in entries:
-        if entry.name.startswith(".") or entry.name in _IGNORED_DIRS:
-            continue
-        if entry.is_dir():
-            dirs.append(entry.path)
-        elif entry.is_file():
-            files.append(entry.path)
-    return dirs, files
-
-
-def _walk_images(folder: str, problems: list[str]) -> list[str]:
-    """All image files under ``folder`` at any depth (symlinked folders followed once)."""
-    images: list[str] = []
-    seen: set[str] = set()
-    stack = [folder]
-    while stack:
-        current = stack.pop()
-        real = os.path.realpath(current)
-        if real in seen:
-            continue
-        seen.add(real)
-        dirs, files = _list_dir(current)
-        images += _keep_images(files, problems)
-        stack += reversed(dirs)
-    return images
-
-
-def _keep_images(files: list[str], problems: list[str]) -> list[str]:
-    images = []
-    for path in files:
-        if os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS:
-            images.append(path)
-        else:
-            problems.append(f"skipped non-image file: {path}")
-    return images
-
-
-def _report_loose_files(files: list[str], problems: list[str], what: str) -> None:
-    for path in _keep_images(files, problems):
-        problems.append(f"skipped {what}: {path}")
+# paths
 
 
 def _file_key(path: str, base: str) -> tuple[int, int, str, str]:

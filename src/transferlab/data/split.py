@@ -17,7 +17,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from transferlab.data.discover import SPLITS, list_labelled, seeded_order
+from transferlab.data.discover import seeded_order
+from transferlab.data.layouts import SPLITS, list_labelled
 from transferlab.errors import TransferlabError
 
 __all__ = ["split_folder"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import statistics
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,33 +13,18 @@ import torch
 from torch import nn
 
 from transferlab.export.metadata import INPUT_NAME, METADATA_KEY, OUTPUT_NAME
+from transferlab.runtime.graph import trace_onnx
 
 __all__ = [
-    "OPSET", "export_onnx", "ort_session", "run_batched", "set_onnx_metadata", "time_session",
+    "export_onnx", "ort_session", "run_batched", "set_onnx_metadata", "time_session",
 ]  # fmt: skip
-
-OPSET = 17
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path, meta: dict[str, Any]) -> None:
     """Trace ``model`` on ``example`` (batch axis dynamic) into ``path``, ``meta`` included."""
     import onnx
 
-    with warnings.catch_warnings(), torch.no_grad():
-        # Tracer warnings about shape-dependent Python ints (timm's 'same' padding) are
-        # expected: the spatial size is fixed by the preprocessing, only the batch is dynamic.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (example,),
-            str(path),
-            dynamo=False,
-            opset_version=OPSET,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            do_constant_folding=True,
-        )
+    trace_onnx(model, example, path, input_name=INPUT_NAME, output_name=OUTPUT_NAME)
     proto = onnx.load(str(path))
     set_onnx_metadata(proto, meta)
     onnx.checker.check_model(proto)

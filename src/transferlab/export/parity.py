@@ -9,10 +9,9 @@ from typing import Any
 import numpy as np
 
 from transferlab.errors import TransferlabError
+from transferlab.runtime.parity import PARITY_ATOL
 
-__all__ = ["PARITY_ATOL", "parity", "refuse_unless_parity"]
-
-PARITY_ATOL = 1e-4
+__all__ = ["parity", "refuse_unless_parity"]
 
 
 def parity(reference: np.ndarray, got: np.ndarray, engine: str) -> dict[str, Any]:

@@ -55,7 +55,9 @@ def fit_head_on_features(ctx: StrategyContext) -> tuple[FittedHead, dict[str, np
     ctx.timings["head_fit_s"] = time.perf_counter() - t0
     fitted.module.eval()
     probs = {
-        name: softmax(fitted.predict_logits(feats[name])) for name in ("val", "test") if name in feats
+        name: softmax(fitted.predict_logits(feats[name]))
+        for name in ("val", "test")
+        if name in feats
     }
     return fitted, probs
 

@@ -1,0 +1,89 @@
+"""What a backbone's features depend on, condensed for the caches: :class:`Backbone` and the
+weights hashes behind its :meth:`~Backbone.identity`."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from transferlab.data.images import DECODE_VERSION
+from transferlab.preprocess import Preprocess
+from transferlab.storage import state_digest
+
+__all__ = ["Backbone", "file_sha256", "loaded_weights_hash", "random_init_hash"]
+
+
+@dataclass
+class Backbone:
+    """A feature extractor (``num_classes=0``, eval mode) and what its features depend on."""
+
+    spec: str
+    model: nn.Module
+    preprocess: Preprocess
+    num_features: int
+    weights_hash: str
+    pretrained: bool
+
+    def identity(self) -> str:
+        """``spec|weights_hash|preprocess key|arch-…|decode-N``: what the features depend on.
+
+        The feature-cache namespace and the export cache key. ``create_backbone`` canonicalises
+        ``spec`` (absolute ``local-dir:`` path), so two spellings of one folder share it;
+        a loaded model rebuilds its Backbone from model.json, so it finds the same entries.
+        ``arch`` hashes the module tree's repr: a local-dir config.json whose ``model_args``
+        change the network (e.g. ``global_pool: max``) with the same weights file must miss.
+        ``decode`` is :data:`~transferlab.data.images.DECODE_VERSION`.
+        """
+        arch = hashlib.sha256(repr(self.model).encode()).hexdigest()[:12]
+        return (
+            f"{self.spec}|{self.weights_hash}|{self.preprocess.key()}"
+            f"|arch-{arch}|decode-{DECODE_VERSION}"
+        )
+
+    def identity_hash(self) -> str:
+        """Filename-safe short form of :meth:`identity`: ``<model name>-<sha256 prefix>``."""
+        name = self.spec.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1].split(":")[-1]
+        digest = hashlib.sha256(self.identity().encode()).hexdigest()[:24]
+        return f"{_safe_name(name)[:48]}-{digest}"
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_.") or "model"
+
+
+_hash_memo: dict[tuple[str, int, int], str] = {}
+_hash_lock = threading.Lock()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, memoised per process by (path, size, mtime) so a run hashes once."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    with _hash_lock:
+        if key in _hash_memo:
+            return _hash_memo[key]
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    with _hash_lock:
+        _hash_memo[key] = digest
+    return digest
+
+
+def random_init_hash(model: nn.Module) -> str:
+    """Hash of the actual random weights.
+
+    A constant "random-init" would let two different random models share cached features and
+    exports; hashing the tensors keeps them apart (and lets a seeded init hit the cache).
+    """
+    return f"random-init-{state_digest(model)[:32]}"
+
+
+def loaded_weights_hash(model: nn.Module) -> str:
+    """When the downloaded file can't be found in a local cache, hash what was loaded: a tag
+    name alone would keep serving cached features after the hub's weights change."""
+    return f"loaded-{state_digest(model)[:32]}"
