@@ -59,7 +59,7 @@ def main() -> None:
     from transferlab.config import FitConfig
     from transferlab.data.dataset import ImageDataset, collate
     from transferlab.data.prepared import Split
-    from transferlab.engine import Stage, _default_workers, body_stages, train
+    from transferlab.engine import Stage, body_stages, default_workers, train
     from transferlab.heads import build_head
     from transferlab.model import ClassifierNet
     from transferlab.system import tune_glibc_malloc
@@ -80,7 +80,7 @@ def main() -> None:
     labels = np.array([files[i][1] for i in pick], dtype=np.int64)
     split = Split(paths=paths, labels=labels, digests=[""] * len(paths))
     cfg = FitConfig(backbone=args.backbone, patience=None, deterministic=False, seed=0)
-    workers = _default_workers(cfg)
+    workers = default_workers(cfg)
     head_spec = {"kind": "linear", "in_features": backbone.num_features, "num_classes": 2}
 
     def fresh_net() -> ClassifierNet:

@@ -35,7 +35,6 @@ from transferlab.engine import (
     grad_boundary,
     has_placeholder_bn,
     load_checkpoint,
-    lr_factor,
     plan_stage,
     recalibrate_bn,
     set_train_mode,
@@ -47,6 +46,7 @@ from transferlab.model import ClassifierNet
 from transferlab.preprocess import Preprocess
 from transferlab.runs import SavedModel
 from transferlab.strategies import STRATEGIES, StrategyContext
+from transferlab.training import class_weights, cross_entropy, lr_factor
 
 ARCH = "test_efficientnet"
 PRE = Preprocess(input_size=(32, 32), crop_pct=1.0, mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -342,7 +342,9 @@ def test_resume_restores_stage_and_matches_uninterrupted(data, tmp_path, monkeyp
     full = _two_stage_run(tr, va, tmp_path / "full")
 
     calls = {"n": 0}
-    original = engine._Trainer._log
+    from transferlab.engine.loop import Trainer
+
+    original = Trainer._log
 
     def interrupt_after_two(self, row, stage):
         original(self, row, stage)
@@ -350,10 +352,10 @@ def test_resume_restores_stage_and_matches_uninterrupted(data, tmp_path, monkeyp
         if calls["n"] == 2:
             raise KeyboardInterrupt  # as if killed right after epoch 2's checkpoint
 
-    monkeypatch.setattr(engine._Trainer, "_log", interrupt_after_two)
+    monkeypatch.setattr(Trainer, "_log", interrupt_after_two)
     with pytest.raises(KeyboardInterrupt):
         _two_stage_run(tr, va, tmp_path / "cut")
-    monkeypatch.setattr(engine._Trainer, "_log", original)
+    monkeypatch.setattr(Trainer, "_log", original)
 
     ckpt = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.ckpt")
     st = ckpt["state"]
@@ -524,15 +526,20 @@ def test_training_is_identical_with_any_number_of_workers(data, tmp_path):
 # class weights
 
 
-def test_class_weights_are_heads_balanced_weights_over_every_class(data, tmp_path):
-    from transferlab.heads import _class_weights
+def test_class_weights_are_one_balanced_rule_for_engine_and_heads(data, tmp_path):
+    from transferlab.heads import fit_head
 
     y = np.array([0, 0, 0, 1, 2, 2])
-    w = engine.class_weights(y, 3, "auto")
-    np.testing.assert_allclose(w.numpy(), [6 / 9, 6 / 3, 6 / 6], rtol=1e-6)
-    np.testing.assert_allclose(w.numpy(), _class_weights(y, 3, "auto"), rtol=1e-6)
-    assert engine.class_weights(y, 3, None) is None
-    assert engine.class_weights(y, 3, "none") is None
+    w = class_weights(y, 3, "auto")
+    np.testing.assert_allclose(w, [6 / 9, 6 / 3, 6 / 6], rtol=1e-12)
+    np.testing.assert_array_equal(class_weights(y, 3, "balanced"), w)
+    assert class_weights(y, 3, None) is None
+    assert class_weights(y, 3, "none") is None
+    loss = cross_entropy(y, 3, tiny_config(class_weight="auto"))  # the engine's loss
+    np.testing.assert_allclose(loss.weight.numpy(), w, rtol=1e-6)
+    x = np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32)
+    head = fit_head("linear", x, y, None, None, num_classes=3, class_weight="auto")
+    np.testing.assert_allclose(head.spec["class_weights"], w, rtol=1e-12)
     # the head has 3 classes, the training labels only 0 and 1: sized by the classes, the
     # weight of class 2 is undefined (it used to be sized by the largest label: a torch crash)
     tr, va = data

@@ -1,9 +1,10 @@
 """Learning-rate finder: an exponential LR sweep over real training batches (fastai/Lightning).
 
-The sweep trains for up to ``num_it`` mini-batches while the LR grows from ``start`` to ``end``,
-records the loss smoothed by an exponential moving average with bias correction (beta 0.98), and
-stops early once the smoothed loss exceeds 4x its minimum (divergence) or is not finite. It
-answers with fastai's suggestions:
+The sweep is the engine's lr-find mode (:func:`transferlab.engine.sweep_lr`): the engine's
+training steps for up to ``num_it`` mini-batches while the LR grows from ``start`` to ``end``,
+recording the loss smoothed by an exponential moving average with bias correction (beta 0.98),
+stopping early once the smoothed loss exceeds 4x its minimum (divergence) or is not finite. This
+module feeds it, puts the network back and answers with fastai's suggestions:
 
 ``valley``   the middle of the longest stretch over which the loss keeps falling (fastai's default,
              robust to noisy curves);
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -31,16 +33,9 @@ from torch.utils.data import DataLoader
 
 from transferlab.augment import build_transform, draft_size
 from transferlab.config import FitConfig
-from transferlab.data.dataset import ImageDataset, collate, raise_if_failed
+from transferlab.data.dataset import ImageDataset, collate
 from transferlab.data.prepared import Split
-from transferlab.engine import (
-    Stage,
-    apply_plan,
-    build_optimizer,
-    grad_boundary,
-    plan_stage,
-    set_train_mode,
-)
+from transferlab.engine import LRCurve, Stage, sweep_lr
 from transferlab.errors import TransferlabError
 from transferlab.model import ClassifierNet
 from transferlab.preprocess import Preprocess
@@ -49,8 +44,6 @@ from transferlab.system import tune_glibc_malloc
 
 __all__ = ["lr_find", "lr_find_strategy", "suggestions"]
 
-_BETA = 0.98
-_DIVERGENCE = 4.0
 _SKIP_END = 5
 
 
@@ -79,19 +72,20 @@ def lr_find(
     snapshot = _Snapshot(net)
     device = _device(config)
     tune_glibc_malloc()
+    curve = LRCurve(start, end, num_it)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            lrs, losses, diverged = _sweep(
-                net, train, preprocess, config, stage, augment, device, (start, end, num_it)
-            )
+            batches = _cycle(_loader(train, preprocess, config, augment))
+            sweep_lr(net, batches, stage, config, device, curve)
     finally:
         snapshot.restore(net)
+    lrs, losses = curve.lrs, curve.losses
     result = {
         "suggestions": suggestions(lrs, losses),
         "lrs": lrs,
         "losses": losses,
-        "diverged": diverged,
+        "diverged": curve.diverged,
         "num_it": len(lrs),
     }
     if out_png is not None:
@@ -153,7 +147,7 @@ def _device(config: FitConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def _batches(
+def _loader(
     train: Split, preprocess: Preprocess, config: FitConfig, augment: str | None
 ) -> DataLoader:
     preset = augment or config.augment or "none"
@@ -171,52 +165,15 @@ def _batches(
     )
 
 
-def _sweep(
-    net: ClassifierNet,
-    train: Split,
-    preprocess: Preprocess,
-    config: FitConfig,
-    stage: Stage,
-    augment: str | None,
-    device: torch.device,
-    sweep: tuple[float, float, int],
-) -> tuple[list[float], list[float], bool]:
-    start, end, num_it = sweep
-    net.to(device, memory_format=torch.channels_last)
-    plan = plan_stage(net, stage, config)
-    apply_plan(net, plan)
-    optimizer = build_optimizer(net, plan, config)
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    loader = _batches(train, preprocess, config, augment)
-    set_train_mode(net, plan)
-    lrs: list[float] = []
-    losses: list[float] = []
-    avg, best = 0.0, math.inf
-    with grad_boundary(net, plan):
-        for i in range(num_it):
-            if i % len(loader) == 0:
-                batches = iter(loader)
-            batch = next(batches)
-            raise_if_failed(batch)
-            x, y = batch
-            x = x.to(device).contiguous(memory_format=torch.channels_last)
-            lr = start * (end / start) ** (i / (num_it - 1))
-            for g in optimizer.param_groups:
-                g["lr"] = g["base_lr"] * lr
-            with torch.enable_grad():
-                loss = criterion(net(x), y.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            value = float(loss.detach())
-            avg = _BETA * avg + (1 - _BETA) * value
-            smooth = avg / (1 - _BETA ** (i + 1))
-            lrs.append(lr)
-            losses.append(smooth)
-            if not math.isfinite(smooth) or smooth > _DIVERGENCE * best:
-                return lrs, losses, True
-            best = min(best, smooth)
-    return lrs, losses, False
+def _cycle(loader: DataLoader) -> Iterator[Any]:
+    """The loader's batches, pass after pass (a fresh shuffle each pass), for as long as asked.
+
+    Each pass takes exactly ``len(loader)`` batches and starts the next without running the
+    previous one to its end, which would draw from the shuffle's generator once more."""
+    while True:
+        batches = iter(loader)
+        for _ in range(len(loader)):
+            yield next(batches)
 
 
 def suggestions(lrs: list[float], losses: list[float]) -> dict[str, float | None]:

@@ -39,12 +39,13 @@ from torch.utils.data import DataLoader
 from transferlab.augment import build_transform, draft_size
 from transferlab.data.dataset import ImageDataset, collate, raise_if_failed
 from transferlab.data.prepared import Split
-from transferlab.engine import HISTORY_CSV, class_weights, lr_factor, write_history
+from transferlab.engine import HISTORY_CSV
 from transferlab.heads import build_head, train_epochs
-from transferlab.model import ClassifierNet
+from transferlab.model import ClassifierNet, softmax
 from transferlab.progress import info, progress
 from transferlab.strategies.base import StrategyContext, StrategyResult, body_record
 from transferlab.strategies.features import split_features
+from transferlab.training import cross_entropy, lr_factor, write_history
 
 __all__ = [
     "DEFAULT_AUGMENT",
@@ -191,27 +192,19 @@ def _fit(
     # standardize once up front (the same float32 arithmetic as the head's own buffers), then
     # train the inner net: no per-step normalisation of the same rows
     feats = head.standardize(torch.from_numpy(views))
-    crit = nn.CrossEntropyLoss(
-        weight=class_weights(y, len(ctx.classes), cfg.class_weight),
-        label_smoothing=cfg.label_smoothing,
-    )
     lr = DEFAULT_LR if cfg.lr is None else cfg.lr
-    opt = torch.optim.AdamW(head.net.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    groups = [{"params": list(head.net.parameters()), "base_lr": lr}]
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
 
     def one_view_per_image() -> torch.Tensor:
         return feats[torch.randint(k, (n,), generator=gen), torch.arange(n)]
 
-    def set_lr(step: int) -> float:
-        for g in opt.param_groups:
-            g["lr"] = lr * lr_factor(cfg.schedule, step, epochs * steps, warmup)
-        return opt.param_groups[0]["lr"]
-
     history, best, _ = train_epochs(
         head.net,
         one_view_per_image,
         torch.from_numpy(y.astype(np.int64)),
-        crit,
+        cross_entropy(y, len(ctx.classes), cfg),
         opt,
         batch_size=cfg.batch_size,
         max_epochs=epochs,
@@ -219,10 +212,11 @@ def _fit(
         validate=None if x_val is None else lambda: _evaluate(head, x_val, y_val),
         patience=cfg.patience,
         snapshot=head,
-        set_lr=set_lr,
+        lr_at=lambda step: lr_factor(cfg.schedule, step, epochs * steps, warmup),
+        stage="head",
         timed=True,
     )
-    return [{"epoch": r["epoch"], "stage": "head", **r} for r in history], best
+    return history, best
 
 
 @torch.inference_mode()
@@ -252,10 +246,7 @@ def run(ctx: StrategyContext) -> StrategyResult:
     head_s = time.perf_counter() - t0
     ctx.timings["head_train_s"] = head_s
     with torch.inference_mode():
-        probs = {
-            name: torch.softmax(head(torch.from_numpy(x)), dim=1).numpy()
-            for name, x in clean.items()
-        }
+        probs = {name: softmax(head(torch.from_numpy(x)).numpy()) for name, x in clean.items()}
     if str(ctx.out) != os.devnull:
         ctx.out.mkdir(parents=True, exist_ok=True)
         write_history(ctx.out / HISTORY_CSV, history)

@@ -1,0 +1,122 @@
+"""The head modules (``Standardize -> net``), how to rebuild one from its spec, and their loss."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from transferlab.config import HEAD_NAMES
+from transferlab.errors import TransferlabError
+
+HEADS = HEAD_NAMES
+
+# Intra-op threads used while fitting (None: leave torch's setting alone, the default). A
+# library should not flip the process-wide OpenMP team size behind the caller's back: two
+# native crashes (SIGSEGV) were seen in long processes that did so between other torch work,
+# so the one-thread option (faster only on an oversubscribed machine) is opt-in.
+NUM_THREADS_DEFAULT = None
+
+
+@dataclass
+class Problem:
+    """What a head is fitted on: checked features and labels, the training standardization
+    (float64 mean / std) and the per-class loss weights (None: unweighted)."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray | None
+    y_val: np.ndarray | None
+    mean: np.ndarray
+    std: np.ndarray
+    weights: np.ndarray | None
+
+
+@dataclass
+class FittedHead:
+    """A trained head: the module (eval mode, CPU, float32), how to rebuild it, and its history."""
+
+    module: nn.Module
+    spec: dict
+    history: list[dict] = field(default_factory=list)
+
+    def predict_logits(self, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+        """Logits for float features ``(n, d)``, as float32 numpy (a convenience for callers)."""
+        x = np.asarray(x, dtype=np.float32)
+        self.module.eval()
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(x), batch_size):
+                out.append(self.module(torch.from_numpy(x[start : start + batch_size])).numpy())
+        if not out:
+            return np.zeros((0, int(self.spec["num_classes"])), dtype=np.float32)
+        return np.concatenate(out)
+
+
+class Standardize(nn.Module):
+    """``(x - mean) / std`` with the training statistics kept as buffers (saved in state_dict)."""
+
+    def __init__(self, in_features: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(in_features))
+        self.register_buffer("std", torch.ones(in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class Head(nn.Module):
+    """``net(standardize(x))``; the same two attribute names for every kind."""
+
+    def __init__(self, in_features: int, net: nn.Module) -> None:
+        super().__init__()
+        self.standardize = Standardize(in_features)
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.standardize(x))
+
+
+def _mlp_net(
+    in_features: int, hidden: Sequence[int], dropout: float, num_classes: int
+) -> nn.Module:
+    layers: list[nn.Module] = []
+    prev = in_features
+    for width in hidden:
+        layers += [nn.Linear(prev, int(width)), nn.ReLU(), nn.Dropout(float(dropout))]
+        prev = int(width)
+    layers.append(nn.Linear(prev, num_classes))
+    return nn.Sequential(*layers)
+
+
+def build_head(spec: dict) -> nn.Module:
+    """An untrained module of the shape ``spec`` describes (load a state_dict into it)."""
+    kind = spec.get("kind")
+    if kind not in HEADS:
+        raise TransferlabError(f"head spec has kind {kind!r}; expected one of {', '.join(HEADS)}")
+    try:
+        d = int(spec["in_features"])
+        c = int(spec["num_classes"])
+        if kind == "linear":
+            net: nn.Module = nn.Linear(d, c)
+        else:
+            net = _mlp_net(d, spec["hidden"], spec["dropout"], c)
+    except KeyError as e:
+        raise TransferlabError(f"head spec is missing {e.args[0]!r} (kind {kind!r})") from None
+    head = Head(d, net)
+    head.eval()
+    return head
+
+
+def weighted_ce(
+    logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None
+) -> torch.Tensor:
+    """sum_i w[y_i] * CE_i / n (not / sum of weights: training.class_weights keeps the scale)."""
+    ce = F.cross_entropy(logits, y, reduction="none")
+    if weights is not None:
+        ce = ce * weights[y]
+    return ce.mean()
