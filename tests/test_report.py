@@ -1,5 +1,5 @@
 """The HTML report: every section present, self-contained (data: URIs only), small, degrading
-gracefully; the CLI commands ``report``/``compare`` and ``evaluate_run``."""
+gracefully; the CLI commands ``report``/``compare`` and ``evaluate --report``."""
 
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import transferlab
-from transferlab.cli_see import evaluate_run, register
+from transferlab.cli_see import register
 from transferlab.evaluation import explain
-from transferlab.evaluation.analysis import PREDICTIONS_FILE, load_predictions
+from transferlab.evaluation.analysis import load_predictions
 from transferlab.evaluation.report import build_report
 from transferlab.ladder import ladder
+from transferlab.runs import PREDICTIONS_FILE
 
 TINY = "mobilenetv2_035"
 SECTIONS = (
@@ -165,18 +166,29 @@ def test_report_degrades_when_images_moved_and_gradcam_fails(runs, tmp_path, mon
     assert "unavailable" not in top
 
 
-def test_evaluate_run_calibrates_tta_and_reports(runs, tmp_path):
+def _evaluate(run, data, report_dir, *options):
+    """``transferlab evaluate RUN DATA --report DIR [options]``: its JSON report."""
+    app = typer.Typer()
+    register(app)
+    out = report_dir.parent / f"{report_dir.name}.json"
+    args = ["evaluate", str(run), str(data), "--report", str(report_dir), "--json", str(out)]
+    res = CliRunner().invoke(app, [*args, *options])
+    assert res.exit_code == 0, res.output
+    return json.loads(out.read_text())
+
+
+def test_evaluate_calibrates_tta_and_reports(runs, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(runs["mlp"], run)
-    res = evaluate_run(run, runs["data"], tta="flip", calibrate=True, report_dir=tmp_path / "rep")
+    res = _evaluate(run, runs["data"], tmp_path / "rep", "--tta", "flip", "--calibrate")
     t = res["calibration"]["temperature"]
     assert json.loads((run / "model.json").read_text())["temperature"] == pytest.approx(t)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["calibration"]["temperature"] == pytest.approx(t)
     assert metrics["tta"]["views"] == 2 and metrics["tta"]["split"] == "test"
-    assert metrics["tta"]["plain"]["accuracy"] == pytest.approx(res["report"]["accuracy"])
+    assert metrics["tta"]["plain"]["accuracy"] == pytest.approx(res["accuracy"])
     # calibration changes probabilities, never the decisions
-    assert res["report"]["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
+    assert res["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
     doc = (tmp_path / "rep" / "report.html").read_text()
     assert "Temperature scaling (T = " in doc and "Test-time augmentation" in doc
     assert transferlab.load(run).saved.temperature == pytest.approx(t)
@@ -245,7 +257,8 @@ def _with_truncated_jpeg(data, dest):
 def test_report_evaluate_and_compare_on_given_data_skip_a_corrupt_image(
     runs, tmp_path, monkeypatch
 ):
-    from transferlab.evaluation import analysis
+    from transferlab import api
+    from transferlab.evaluation import scoring
 
     data, bad = _with_truncated_jpeg(runs["data"], tmp_path / "data")
     doc = build_report(runs["lin"], data=data, out=tmp_path / "r" / "report.html").read_text()
@@ -258,17 +271,18 @@ def test_report_evaluate_and_compare_on_given_data_skip_a_corrupt_image(
 
     # evaluate --report: one scan of the folder, shared by the evaluation and the report
     scans = []
-    real = analysis.prepare_run_data
+    real = scoring.prepare_run_data
 
     def counting(*a, **k):
         scans.append(a[0])
         return real(*a, **k)
 
-    monkeypatch.setattr(analysis, "prepare_run_data", counting)
+    monkeypatch.setattr(api, "prepare_run_data", counting)  # where evaluate_run scans
+    monkeypatch.setattr(scoring, "prepare_run_data", counting)  # where the report would
     run = tmp_path / "run"
     shutil.copytree(runs["lin"], run)
-    res = evaluate_run(run, data, report_dir=tmp_path / "rep")
-    assert res["report"]["n"] == runs["metrics"]["test"]["n"]  # the good test images, all
+    res = _evaluate(run, data, tmp_path / "rep")
+    assert res["n"] == runs["metrics"]["test"]["n"]  # the good test images, all
     assert scans == [data]
     rep = (tmp_path / "rep" / "report.html").read_text()
     assert f"<td>{bad}</td>" in rep and "report section unavailable" not in rep
@@ -287,7 +301,8 @@ def test_report_evaluate_and_compare_on_given_data_skip_a_corrupt_image(
 
 
 def test_best_rung_is_chosen_on_val_only(tmp_path):
-    from transferlab.evaluation.report import _best_rung_dir, best_rung
+    from transferlab.evaluation.report import best_rung
+    from transferlab.evaluation.report.rungs import best_rung_dir
 
     def rung(name, val=None, test=None, seeds=None):
         r = {"name": name, "run_dir": str(tmp_path / name)}
@@ -304,20 +319,20 @@ def test_best_rung_is_chosen_on_val_only(tmp_path):
     # test accuracy never decides, not even for a rung without val
     lad = {"rungs": [rung("a", 0.8, 0.7), rung("b", 0.7, 0.99), rung("c", None, 1.0)]}
     assert best_rung(lad)["name"] == "a"
-    assert _best_rung_dir(lad) == tmp_path / "a"  # the report details the same rung
+    assert best_rung_dir(lad) == tmp_path / "a"  # the report details the same rung
     # ties: the earlier rung in ladder order
     lad = {"rungs": [rung("a", 0.8, 0.5), rung("b", 0.8, 0.9)]}
-    assert best_rung(lad)["name"] == "a" and _best_rung_dir(lad) == tmp_path / "a"
+    assert best_rung(lad)["name"] == "a" and best_rung_dir(lad) == tmp_path / "a"
     # several seeds: the mean over seeds, not the first seed's accuracy
     lad = {"rungs": [rung("a", 0.9, seeds=0.7), rung("b", 0.8, seeds=0.75)]}
     assert best_rung(lad)["name"] == "b"
     # no val at all: no best rung; the report still details the first rung on disk
     lad = {"rungs": [rung("a", None, 0.5), rung("b", None, 0.9)]}
-    assert best_rung(lad) is None and _best_rung_dir(lad) == tmp_path / "a"
+    assert best_rung(lad) is None and best_rung_dir(lad) == tmp_path / "a"
     # the best rung's folder is gone: the next best one on disk
     lad = {"rungs": [rung("a", 0.9), rung("b", 0.8)]}
     shutil.rmtree(tmp_path / "a")
-    assert best_rung(lad)["name"] == "a" and _best_rung_dir(lad) == tmp_path / "b"
+    assert best_rung(lad)["name"] == "a" and best_rung_dir(lad) == tmp_path / "b"
 
 
 def test_corrupt_run_files_are_errors_naming_the_file(runs, tmp_path):
@@ -341,3 +356,26 @@ def test_corrupt_run_files_are_errors_naming_the_file(runs, tmp_path):
         load_ladder(lad)
     with pytest.raises(TransferlabError, match="no ladder.json"):
         load_ladder(tmp_path / "empty")
+
+
+def test_templates_escape_user_text():
+    """Autoescaping: names and descriptions from files are shown as text, never as markup."""
+    from transferlab.evaluation.report.render import render
+    from transferlab.evaluation.report.sections_ladder import ladder_section
+
+    evil = '<script>alert("x")</script>'
+    lad = {
+        "rungs": [
+            {
+                "name": evil,
+                "description": "cats & dogs",
+                "val": {"accuracy": 0.9, "accuracy_ci95": [0.8, 0.95]},
+            }
+        ]
+    }
+    doc = render("ladder.html", **ladder_section(lad))
+    assert "<script" not in doc and "&lt;script&gt;alert(&#34;x&#34;)" in doc
+    assert "<td>cats &amp; dogs</td>" in doc
+    assert '<td>90.0% <span class="muted">[80.0% – 95.0%]</span></td>' in doc  # ours is markup
+    notice = render("unavailable.html", reason="<img src=x onerror=alert(1)>")
+    assert "<img" not in notice and "&lt;img" in notice
