@@ -121,6 +121,13 @@ def test_engine_and_config_share_the_vocabularies():
     assert engine.BN_POLICIES is config.BN_POLICIES
     assert tuple(runtime.ENGINES) == config.ENGINES
     assert FitConfig(augment=augment.PRESETS[-1]).validate()
+    # the registries that implement the names config validates against are keyed by them
+    from transferlab import heads
+    from transferlab.strategies import STRATEGIES
+
+    assert tuple(augment.PRESETS) == config.AUGMENT_PRESETS
+    assert tuple(heads.HEADS) == config.HEAD_NAMES
+    assert tuple(STRATEGIES) == config.STRATEGY_NAMES
 
 
 def test_importing_the_config_stays_light():
