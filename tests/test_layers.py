@@ -48,7 +48,7 @@ LAYERS: list[tuple[str, ...]] = [
         "lr_find",
     ),  # fmt: skip
     # the command line
-    ("cli", "cli_see", "cli_ship", "__main__"),
+    ("cli", "cli_see", "cli_ship", "cli_runs", "__main__"),
 ]
 
 
