@@ -21,7 +21,9 @@ from transferlab.backbones import (
     hub,
     identity,
     list_backbones,
+    search,
     stage_modules,
+    with_params,
 )
 from transferlab.data.images import DECODE_VERSION
 from transferlab.errors import TransferlabError
@@ -33,6 +35,7 @@ TINY_ARCH = "mobilenetv2_050"
 def _isolated_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("TRANSFERLAB_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("TRANSFERLAB_WEIGHTS", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))  # no user weights list
 
 
 def make_local_dir(
@@ -315,7 +318,8 @@ def test_list_backbones_marks_local_dirs_offline(tiny_dir, monkeypatch, tmp_path
             name=f"local-dir:{tiny_dir.resolve()}",
             pretrained=True,
             offline=True,
-            source=f"local folder ({TINY_ARCH})",
+            source=f"{tiny_dir.resolve()} ({TINY_ARCH})",
+            input_size=(64, 64),
         )
     ]
     assert infos[0] == local[0]  # offline-ready folders come first
@@ -326,10 +330,36 @@ def test_list_backbones_marks_local_dirs_offline(tiny_dir, monkeypatch, tmp_path
     # $TRANSFERLAB_WEIGHTS (pathsep-separated; a folder itself or its subfolders) and filtering.
     monkeypatch.setenv("TRANSFERLAB_WEIGHTS", os.pathsep.join([str(tiny_dir), str(tmp_path / "x")]))
     names = [i.name for i in list_backbones("tiny_mnv2")]
-    assert names == [f"local-dir:{tiny_dir.resolve()}"]
-    assert not [i for i in list_backbones("resnet50") if i.name.startswith("local-dir:")]
-    # Every listed name is a valid spec for create_backbone.
-    assert create_backbone(names[0]).identity()
+    assert names == [tiny_dir.name]  # on the search path: the folder's name is enough
+    assert not [i for i in list_backbones("resnet50") if i.offline]
+    # Every listed name is a valid spec for create_backbone, and the listing counts parameters.
+    assert create_backbone(names[0]).spec == f"local-dir:{tiny_dir.resolve()}"
+    (info,) = with_params(list_backbones("tiny_mnv2"))
+    assert info.params == sum(
+        p.numel() for p in timm.create_model(TINY_ARCH, num_classes=10).parameters()
+    )
+
+
+def test_a_name_resolves_through_the_search_path_from_any_directory(
+    tiny_dir, monkeypatch, tmp_path
+):
+    """$TRANSFERLAB_WEIGHTS first, then the user's list (what setup.sh writes); a name that is on
+    neither fails with one message naming both fixes."""
+    name = tiny_dir.name
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TransferlabError) as err:
+        create_backbone(name)
+    assert "--add-weights-dir" in str(err.value) and "TRANSFERLAB_WEIGHTS=" in str(err.value)
+    listed = search.add_weights_dir(tiny_dir.parent)
+    assert listed.read_text().splitlines() == [str(tiny_dir.parent.resolve())]
+    search.add_weights_dir(tiny_dir.parent)  # recorded once
+    assert listed.read_text().splitlines() == [str(tiny_dir.parent.resolve())]
+    assert create_backbone(name).spec == f"local-dir:{tiny_dir.resolve()}"
+    other = make_local_dir(tmp_path / "env" / name, seed=1)
+    monkeypatch.setenv("TRANSFERLAB_WEIGHTS", str(other.parent))
+    assert create_backbone(name).spec == f"local-dir:{other.resolve()}"  # the variable wins
+    with pytest.raises(TransferlabError, match="not a folder"):
+        search.add_weights_dir(tmp_path / "nope")
 
 
 @pytest.mark.parametrize(

@@ -128,3 +128,31 @@ def test_default_cam_passes_the_deletion_test(cache_dir):
     random_backbone_drop = drop(top(cams(rnet, cls)))
     assert cam_drop > random_drop > 0, (cam_drop, random_drop)
     assert cam_drop > random_backbone_drop, (cam_drop, random_backbone_drop)
+
+
+def test_readme_fit_works_from_any_directory(cache_dir, tmp_path):
+    """The README's first command, run from an unrelated working directory: setup.sh records the
+    bundled weights folder on the search path, so the default backbone name resolves anywhere."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    env.pop("TRANSFERLAB_WEIGHTS", None)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "transferlab", *args]
+        return subprocess.run(cmd, cwd=elsewhere, env=env, capture_output=True, text=True)
+
+    data = str(SHARED / "datasets" / "cats_vs_dogs_small")
+    refused = cli("fit", data, "--out", "run", "--cache-dir", cache_dir)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert f"--add-weights-dir {SHARED / 'weights'}" in refused.stderr.replace("\n", "")
+    assert cli("backbones", "--add-weights-dir", str(SHARED / "weights")).returncode == 0
+    done = cli("fit", data, "--out", "run", "--cache-dir", cache_dir)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "test accuracy 0.97" in done.stdout
+    spec = json.loads((elsewhere / "run" / "model.json").read_text())["body"]["spec"]
+    assert spec == MOBILENETV2  # stored resolved: the run loads from anywhere too

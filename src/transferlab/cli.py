@@ -167,26 +167,39 @@ def fit(
 def backbones(
     filter: str | None = typer.Option(None, "--filter", "-f", help="Substring, e.g. mobilenet."),
     weights_dir: list[Path] = typer.Option([], help="Extra folders holding local-dir models."),
-    offline_only: bool = typer.Option(False, help="Only those usable without a network."),
+    offline: bool = typer.Option(
+        False, "--offline", "--offline-only", help="Only those usable without a network."
+    ),
+    limit: int = typer.Option(50, help="Rows to show (0: all); parameter counts cost a build."),
+    add_weights_dir: Path | None = typer.Option(
+        None, help="Record DIR on the weights search path: its folders resolve by name anywhere."
+    ),
 ) -> None:
-    """List timm architectures; marks those whose weights are available without a network."""
-    from transferlab.backbones import list_backbones
+    """Pretrained backbones: local weight folders (offline) first, then timm's pretrained tags."""
+    from transferlab.backbones import list_backbones, with_params
+    from transferlab.backbones.search import add_weights_dir as record
 
-    dirs = list(weights_dir)
-    shared = Path("../shared/weights")
-    if shared.is_dir():
-        dirs.append(shared)
-    infos = list_backbones(filter, weights_dirs=dirs)
-    if offline_only:
+    if add_weights_dir is not None:
+        out_console.print(f"recorded {add_weights_dir.resolve()} in {record(add_weights_dir)}")
+    infos = list_backbones(filter, weights_dirs=weights_dir)
+    if offline:
         infos = [i for i in infos if i.offline]
+    shown = with_params(infos[:limit] if limit > 0 else infos)
     table = Table(title=f"{len(infos)} backbones" + (f" matching '{filter}'" if filter else ""))
-    table.add_column("spec (--backbone)")
-    table.add_column("pretrained")
-    table.add_column("offline")
-    table.add_column("source")
-    for i in infos:
-        table.add_row(i.name, "yes" if i.pretrained else "no", "yes" if i.offline else "", i.source)
+    for col, justify in (("spec (--backbone)", "left"), ("params", "right"), ("input", "right")):
+        table.add_column(col, justify=justify, overflow="fold")
+    for col in ("pretrained", "offline", "source"):
+        table.add_column(col, overflow="fold")
+    for i in shown:
+        params = f"{i.params / 1e6:.1f}M" if i.params else "?"
+        size = "×".join(map(str, i.input_size)) if i.input_size else "?"
+        table.add_row(
+            i.name, params, size, "yes" if i.pretrained else "no", "yes" if i.offline else "",
+            i.source,
+        )  # fmt: skip
     out_console.print(table)
+    if len(shown) < len(infos):
+        out_console.print(f"… {len(infos) - len(shown)} more: --limit 0 shows all")
 
 
 @app.command()

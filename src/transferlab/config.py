@@ -8,7 +8,9 @@ from typing import Any
 
 from transferlab.errors import TransferlabError
 
-DEFAULT_BACKBONE = "local-dir:../shared/weights/mobilenetv2_100.tf_quant_in1k"
+# A name, not a path: it resolves to a local folder of that name on the weights search path
+# (backbones/search.py; scripts/setup.sh adds the bundled ../shared/weights), else to the Hub.
+DEFAULT_BACKBONE = "mobilenetv2_100.tf_quant_in1k"
 
 # Every vocabulary of the options as plain names, here so that checking a config imports nothing
 # heavy and nothing above this module. The registries that implement them (strategies.STRATEGIES,
@@ -40,7 +42,9 @@ class FitConfig:
     """Every knob of ``fit``. Defaults are the recommended recipe, not placeholders."""
 
     # what to train
-    backbone: str = _opt(DEFAULT_BACKBONE, "timm spec, hf-hub:REPO or local-dir:PATH.")
+    backbone: str = _opt(
+        DEFAULT_BACKBONE, "timm name, a weights folder name, hf-hub:REPO or local-dir:PATH."
+    )
     pretrained: bool = _opt(True, "--no-pretrained: random init.")
     strategy: str = _opt("features", "features | frozen | finetune | scratch-…")
     head: str = _opt("linear", "linear | mlp")

@@ -8,13 +8,14 @@ feature cache and the ONNX export cache miss whenever any of it changes.
   and the recipe that rebuilds a body without its source.
 - :mod:`~.identity`: :class:`Backbone` and the weights hashes behind its identity.
 - :mod:`~.hub`: local Hugging Face / torch cache lookups and the network probe.
+- :mod:`~.search`: the weights search path (a name resolves to a local folder from anywhere).
 - :mod:`~.listing`: ``transferlab backbones``.
 - :mod:`~.stages`: a backbone's stages, stem first.
 """
 
 from transferlab.backbones.create import create_backbone, timm_body_recipe
 from transferlab.backbones.identity import Backbone
-from transferlab.backbones.listing import BackboneInfo, list_backbones
+from transferlab.backbones.listing import BackboneInfo, list_backbones, with_params
 from transferlab.backbones.stages import stage_modules
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "list_backbones",
     "stage_modules",
     "timm_body_recipe",
+    "with_params",
 ]

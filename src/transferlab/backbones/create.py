@@ -13,7 +13,7 @@ from typing import Any
 import timm
 from torch import nn
 
-from transferlab.backbones import hub
+from transferlab.backbones import hub, search
 from transferlab.backbones.identity import (
     Backbone,
     file_sha256,
@@ -33,7 +33,7 @@ __all__ = [
 
 LOCAL_PREFIX = "local-dir:"
 HUB_PREFIX = "hf-hub:"
-EXAMPLE_LOCAL_DIR = "../shared/weights/mobilenetv2_100.tf_quant_in1k"
+EXAMPLE_LOCAL_DIR = "/path/to/weights/mobilenetv2_100.tf_quant_in1k"
 # The weight files timm's local-dir loader looks for, in its order of preference
 # (timm.models._hub._PREFERRED_FILES, private, so mirrored here).
 _PREFERRED_WEIGHT_FILES = (
@@ -60,7 +60,7 @@ def create_backbone(spec: str, *, pretrained: bool = True) -> Backbone:
         raise TransferlabError("--backbone is empty: name a timm model, e.g. mobilenetv2_100")
     if spec.lower().startswith("hf_hub:"):  # timm's deprecated spelling
         spec = HUB_PREFIX + spec[len("hf_hub:") :]
-    local_dir = _local_dir_of(spec)
+    local_dir = search.find_local(spec) or _local_dir_of(spec)
     if local_dir is not None:
         return _create_local(local_dir, pretrained=pretrained)
     if spec.lower().startswith(HUB_PREFIX):
@@ -188,14 +188,18 @@ def _create_hub(spec: str, *, pretrained: bool) -> Backbone:
 
 def _create_registry(spec: str, *, pretrained: bool) -> Backbone:
     arch, tag = timm.models.split_model_name_tag(spec)
-    _check_architecture(arch, origin="--backbone")
+    try:
+        _check_architecture(arch, origin="--backbone")
+    except TransferlabError as e:  # perhaps a weights folder's name, off the search path
+        raise TransferlabError(f"{e}; {search.missing_hint(spec)}") from None
     try:
         pcfg = timm.models.get_pretrained_cfg(spec)
     except RuntimeError:
         tags = timm.list_models(f"{arch}.*", pretrained=True)
         raise TransferlabError(
             f"'{arch}' has no pretrained tag {tag!r}. Available: "
-            f"{', '.join(tags[:8]) or 'none'} (see transferlab backbones --filter {arch})"
+            f"{', '.join(tags[:8]) or 'none'} (see transferlab backbones --filter {arch}); "
+            + search.missing_hint(spec)
         ) from None
     cfg = pcfg.to_dict() if pcfg is not None else {}
     if pretrained:
@@ -249,9 +253,9 @@ def _require_network(spec: str, host: str | None) -> None:
 
 def _offline_message(spec: str, exc: BaseException | None = None) -> str:
     msg = (
-        f"could not get pretrained weights for {spec!r} (no network?). Pass a local timm folder: "
-        f"--backbone local-dir:PATH (config.json + model.safetensors), "
-        f"e.g. {EXAMPLE_LOCAL_DIR}, or use --no-pretrained"
+        f"could not get pretrained weights for {spec!r} (no network?); "
+        f"{search.missing_hint(spec)}; or pass a timm folder: --backbone local-dir:PATH; "
+        "or use --no-pretrained"
     )
     if exc is not None:
         msg += f" [{_brief(exc)}]"

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import timm
+import torch
 
-from transferlab.backbones import hub
+from transferlab.backbones import hub, search
 from transferlab.backbones.create import LOCAL_PREFIX, local_weights_file, read_config
 from transferlab.errors import TransferlabError
 
-__all__ = ["BackboneInfo", "list_backbones"]
+__all__ = ["BackboneInfo", "list_backbones", "with_params"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,8 @@ class BackboneInfo:
     pretrained: bool
     offline: bool  # usable without a network connection right now
     source: str
+    input_size: tuple[int, int] | None = None  # (h, w) the weights were trained at
+    params: int | None = None  # filled by with_params (it costs a model build for timm names)
 
 
 def list_backbones(
@@ -36,8 +39,8 @@ def list_backbones(
     """Local-dir folders (offline) first, then timm pretrained tags matching ``filter``.
 
     ``filter`` is a substring or a glob (``*`` / ``?``), case-insensitive. Local folders come from
-    ``weights_dirs`` and ``$TRANSFERLAB_WEIGHTS`` (os.pathsep-separated); a folder counts when it,
-    or one of its direct subfolders, holds a config.json.
+    ``weights_dirs`` and the weights search path (:mod:`.search`); a folder counts when it, or one
+    of its direct subfolders, holds a config.json.
     """
     pattern = _glob_of(filter)
     return _local_infos(weights_dirs, pattern) + _timm_infos(pattern)
@@ -46,23 +49,28 @@ def list_backbones(
 def _local_infos(weights_dirs: Sequence[Path], pattern: str | None) -> list[BackboneInfo]:
     infos: list[BackboneInfo] = []
     seen: set[Path] = set()
-    for folder in _local_folders(weights_dirs):
+    for folder in search.local_folders(weights_dirs):
         if folder in seen:
             continue
         seen.add(folder)
-        arch = ""
+        arch, pcfg = "", {}
         with contextlib.suppress(TransferlabError):  # listed anyway; create_backbone explains
-            arch = str(read_config(folder / "config.json").get("architecture", ""))
+            config = read_config(folder / "config.json")
+            arch = str(config.get("architecture", ""))
+            pcfg = dict(config.get("pretrained_cfg") or {})
         if pattern and not (
             fnmatch.fnmatch(folder.name.lower(), pattern) or fnmatch.fnmatch(arch.lower(), pattern)
         ):
             continue
+        # the short name works as --backbone when the search path finds this very folder by it
+        short = search.find_local(folder.name) == folder
         infos.append(
             BackboneInfo(
-                name=f"{LOCAL_PREFIX}{folder}",
+                name=folder.name if short else f"{LOCAL_PREFIX}{folder}",
                 pretrained=local_weights_file(folder) is not None,
                 offline=True,
-                source=f"local folder ({arch or 'unknown architecture'})",
+                source=f"{folder} ({arch or 'unknown architecture'})",
+                input_size=_hw(pcfg.get("input_size")),
             )
         )
     return infos
@@ -88,6 +96,7 @@ def _timm_infos(pattern: str | None) -> list[BackboneInfo]:
                 pretrained=True,
                 offline=hub.cached_weights_file(cfg) is not None,
                 source=source,
+                input_size=_hw(cfg.get("input_size")),
             )
         )
     return infos
@@ -100,20 +109,34 @@ def _glob_of(filter_: str | None) -> str | None:
     return f if any(c in f for c in "*?[") else f"*{f}*"
 
 
-def _local_folders(weights_dirs: Sequence[Path]) -> list[Path]:
-    roots = [Path(p) for p in weights_dirs]
-    roots += [Path(p) for p in os.environ.get("TRANSFERLAB_WEIGHTS", "").split(os.pathsep) if p]
-    found: list[Path] = []
-    for root in roots:
-        root = root.expanduser()
-        if not root.is_dir():
-            continue
-        if (root / "config.json").is_file():
-            found.append(root.resolve())
-            continue
-        try:
-            children = sorted(root.iterdir())
-        except OSError:
-            continue
-        found += [c.resolve() for c in children if (c / "config.json").is_file()]
-    return found
+def _hw(input_size: Sequence[int] | None) -> tuple[int, int] | None:
+    """timm's (C, H, W) -> (H, W)."""
+    return (int(input_size[-2]), int(input_size[-1])) if input_size else None
+
+
+def with_params(infos: Sequence[BackboneInfo]) -> list[BackboneInfo]:
+    """``infos`` with parameter counts, from each architecture (and a local folder's config.json
+    model args and class count) built on the meta device."""
+    out = []
+    for info in infos:
+        params = None
+        with contextlib.suppress(Exception):  # a count is a nicety: never fail the listing
+            params = _count_params(info.name)
+        out.append(replace(info, params=params))
+    return out
+
+
+def _count_params(name: str) -> int:
+    folder = Path(name[len(LOCAL_PREFIX) :]) if name.startswith(LOCAL_PREFIX) else None
+    folder = folder or search.find_local(name)
+    kwargs: dict[str, Any] = {}
+    if folder is not None:
+        config = read_config(folder / "config.json")
+        name = str(config.get("architecture", ""))
+        kwargs = {
+            **(config.get("model_args") or {}),
+            "num_classes": config.get("num_classes", 1000),
+        }
+    with torch.device("meta"):  # shapes only: no memory, no weights
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    return sum(p.numel() for p in model.parameters())
