@@ -89,3 +89,45 @@ def test_command_options_are_config_fields() -> None:
     for command, extra in own.items():
         assert set(inspect.signature(command).parameters) - extra <= fields, command.__name__
     assert set(inspect.signature(fit).parameters) - own[fit] == fields  # fit exposes them all
+
+
+def test_conventions_help_version_and_short_out(tmp_path):
+    r = tl("--version")
+    assert r.returncode == 0 and r.stdout.startswith("transferlab ")
+    for command in ("fit", "ladder", "lr-find", "explain", "report", "compare", "predict"):
+        r = tl(command, "-h")
+        assert r.returncode == 0, (command, r.stderr)
+        assert "-o" in r.stdout and "--out" in r.stdout, command
+
+
+def test_ctrl_c_says_how_to_resume_and_resume_finishes(tiny_dataset, tmp_path):
+    """SIGINT during training: one line naming the command to resume with, exit 130; that
+    command then continues from the checkpoint and completes."""
+    import signal
+    import time
+
+    args = [
+        "fit", str(tiny_dataset), "--out", str(tmp_path / "run"), "--strategy", "scratch-basic",
+        "--backbone", TINY, "--no-pretrained", "--image-size", "64", "--epochs", "40",
+        "--patience", "100", "--engine", "torch", "--workers", "0", "--batch-size", "4",
+        "--cache-dir", str(tmp_path / "cache"),
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "transferlab", *args], stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    for line in proc.stderr:  # the first finished epoch is logged: a checkpoint exists
+        if "epoch 2/" in line or time.monotonic() > deadline:
+            break
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130
+    assert "Traceback" not in rest
+    hint = rest.strip().splitlines()[-1]
+    assert hint.startswith("interrupted — resume with: transferlab fit ") and "--resume" in hint
+    resumed = tl(*hint.split("resume with: transferlab ", 1)[1].split())
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert len(history) == 40  # every epoch, the interrupted ones and the resumed ones
+    again = tl(*hint.split("resume with: transferlab ", 1)[1].split())
+    assert again.returncode == 0 and "nothing left to train" in again.stderr

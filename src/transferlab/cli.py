@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import shlex
 import sys
 import typing
 from collections.abc import Callable
@@ -22,8 +23,27 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Turn a folder of labelled images into an evaluated classifier by transfer learning.",
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from transferlab import __version__
+
+        out_console.print(f"transferlab {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False, "--version", "-V", callback=_print_version, is_eager=True, help="Print the version."
+    ),
+) -> None:
+    """Turn a folder of labelled images into an evaluated classifier by transfer learning."""
+
 
 Command = TypeVar("Command", bound=Callable[..., Any])
 KEYWORD_ONLY = Parameter.KEYWORD_ONLY
@@ -39,9 +59,30 @@ def main() -> None:
     except TransferlabError as e:
         console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        console.print("interrupted")
+    except (KeyboardInterrupt, SystemExit) as e:
+        # typer turns Ctrl-C inside a command into a silent exit 130
+        if isinstance(e, SystemExit) and e.code != 130:
+            raise
+        console.print(interrupted_hint(sys.argv[1:]), highlight=False, soft_wrap=True)
         sys.exit(130)
+
+
+def interrupted_hint(args: list[str]) -> str:
+    """What to type next after Ctrl-C: the same command with --resume where that continues it."""
+    command = args[0] if args else ""
+    strategy = next(
+        (v for k, v in zip(args, args[1:], strict=False) if k == "--strategy"),
+        next((a.split("=", 1)[1] for a in args if a.startswith("--strategy=")), "features"),
+    )
+    again = "transferlab " + shlex.join(args)
+    if command == "fit" and strategy == "features":
+        return f"interrupted — run it again (extracted features are cached): {again}"
+    resumable = command == "fit" or (
+        command == "predict" and any(a in ("-o", "--out", "--output") for a in args)
+    )
+    if resumable and "--resume" not in args:
+        return f"interrupted — resume with: {again} --resume"
+    return "interrupted"
 
 
 def _print_counts(counts: dict[str, dict[str, int]], title: str) -> None:
@@ -127,7 +168,7 @@ def _config(options: dict[str, Any]) -> FitConfig:
 @config_options()
 def fit(
     data: Path = typer.Argument(..., help="Images: split folders, class folders, flat or CSV."),
-    out: Path = typer.Option(Path("runs/latest"), help="Run folder to write."),
+    out: Path = typer.Option(Path("runs/latest"), "--out", "-o", help="Run folder to write."),
     **options: Any,
 ) -> None:
     """Train on DATA and evaluate on its val/test splits; writes OUT/ (model, metrics.json)."""
@@ -206,7 +247,9 @@ def backbones(
 @config_options("backbone", "seed", "cache_dir", "workers", "accelerator", "precision")
 def ladder(
     data: Path = typer.Argument(..., help="Images (any layout `fit` accepts)."),
-    out: Path = typer.Option(Path("runs/ladder"), help="Folder for every rung and the summary."),
+    out: Path = typer.Option(
+        Path("runs/ladder"), "--out", "-o", help="Folder for every rung and the summary."
+    ),
     rungs: str | None = typer.Option(None, help="Comma-separated subset of the rungs."),
     seeds: int = typer.Option(1, help="Repeat each rung with N seeds: mean ± sd."),
     quick: bool = typer.Option(False, help="Small budgets: the whole ladder in minutes."),
@@ -233,7 +276,9 @@ def ladder(
 @config_options("backbone", "strategy", "unfreeze", "seed", "cache_dir", strategy="finetune")
 def lr_find(
     data: Path = typer.Argument(..., help="Images (any layout `fit` accepts)."),
-    out: Path = typer.Option(Path("lr_find.png"), help="Where to save the loss-vs-LR plot."),
+    out: Path = typer.Option(
+        Path("lr_find.png"), "--out", "-o", help="Where to save the loss-vs-LR plot."
+    ),
     **options: Any,
 ) -> None:
     """LR range test on the network the strategy would train; the model is restored after."""
@@ -253,7 +298,7 @@ def augment_preview(
     image: Path = typer.Argument(..., help="One image."),
     preset: str = typer.Option("tutorial", help="none | tutorial | light | strong"),
     n: int = typer.Option(5, "-n", "--n", help="How many augmented views."),
-    out: Path = typer.Option(Path("augment_preview.png")),
+    out: Path = typer.Option(Path("augment_preview.png"), "--out", "-o"),
     backbone: str = typer.Option(DEFAULT_BACKBONE, help="Its preprocessing sets size and crop."),
     seed: int = typer.Option(0),
 ) -> None:
@@ -270,7 +315,7 @@ def augment_preview(
 def explain(
     run: Path = typer.Argument(..., help="A run folder written by `fit`."),
     images: list[Path] = typer.Argument(..., help="Images to explain."),
-    out: Path = typer.Option(Path("explain"), help="Folder for the PNG files."),
+    out: Path = typer.Option(Path("explain"), "--out", "-o", help="Folder for the PNG files."),
     target_class: str | None = typer.Option(None, help="Class to explain (default: predicted)."),
     layer: str | None = typer.Option(
         None, help="Target layer name (default: the last stage at stride 16, e.g. 14x14)."
@@ -297,7 +342,7 @@ def convolve(
         "mean",
         help="mean | gaussian | sobel-x | sobel-y | sharpen | edge, or '1,0,-1;2,0,-2;1,0,-1'",
     ),
-    out: Path = typer.Option(Path("convolution.png")),
+    out: Path = typer.Option(Path("convolution.png"), "--out", "-o"),
 ) -> None:
     """Teaching demo: apply a 3x3 kernel to an image; input, kernel and output side by side."""
     from transferlab.evaluation.explain import convolve_file

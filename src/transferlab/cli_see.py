@@ -60,8 +60,18 @@ def evaluate(
     for c, row in zip(classes, report["confusion_matrix"], strict=True):
         table.add_row(c, *map(str, row))
     out_console.print(table)
+    say(_summary_line(report, split))
     if json_out:
         json_out.write_text(json.dumps(report, indent=2))
+
+
+def _summary_line(report: dict[str, Any], split: str) -> str:
+    """Accuracy with its CI and the probability-quality numbers, on one greppable line."""
+    line = f"{split} accuracy {_fmt_acc(report)} | log loss {report['log_loss']:.4f}"
+    line += f" | ECE {report['ece']:.4f}"
+    if report.get("roc_auc") is not None:
+        line += f" | ROC-AUC {report['roc_auc']:.4f}"
+    return line
 
 
 def _say_extras(report: dict[str, Any], split: str, run: Path) -> None:
@@ -92,7 +102,9 @@ def report(
     data: Path | None = typer.Option(
         None, help="The dataset, if it moved since the run (default: paths in data.json)."
     ),
-    out: Path | None = typer.Option(None, help="HTML file to write (default RUN/report.html)."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="HTML file to write (default RUN/report.html)."
+    ),
     ladder: Path | None = typer.Option(None, help="A ladder.json to add as a comparison."),
     gradcam: int = typer.Option(4, help="Test images explained with Grad-CAM (0: none)."),
     top_k: int = typer.Option(12, help="Images in the top-loss and suspect galleries."),
@@ -120,7 +132,9 @@ def compare(
     data: Path | None = typer.Option(
         None, help="Score every run on this dataset's test split (paired McNemar test)."
     ),
-    out: Path = typer.Option(Path("runs/compare"), help="Folder for compare.json/.png."),
+    out: Path = typer.Option(
+        Path("runs/compare"), "--out", "-o", help="Folder for compare.json/.png."
+    ),
 ) -> None:
     """Accuracy with 95% CIs per run, and McNemar's test when they share a test set."""
     from transferlab.evaluation.compare import compare_runs

@@ -34,7 +34,7 @@ def predict(
     sources: list[str] = typer.Argument(..., help="Image files, folders (recursive) or globs."),
     top_k: int = typer.Option(1, help="How many ranked labels per image."),
     output: Path | None = typer.Option(
-        None, "--output", "-o", help="results.csv | .jsonl | .json, written as it goes."
+        None, "--output", "--out", "-o", help="results.csv | .jsonl | .json, written as it goes."
     ),
     format: str | None = typer.Option(
         None, help="table | csv | jsonl | json (default: table on stdout, else by suffix)."

@@ -128,12 +128,15 @@ class Trainer:
     def run(self) -> RunOutput:
         if self.cfg.resume:
             self._restore()
+        first_epoch = self.state.epoch
         self.net.to(self.fabric.device, memory_format=torch.channels_last)
         self.criterion.to(self.fabric.device)
         while self.state.stop_reason is None and self.state.stage_index < len(self.job.stages):
             self._run_stage()
         if self.state.stop_reason is None:
             self.state.stop_reason = "completed"
+        if self.cfg.resume and self.state.epoch == first_epoch and self.fabric.is_global_zero:
+            info(self._nothing_left())
         if not self.best_state:
             self.best_state = cpu_state(self.net)
         self._save_checkpoints(improved=False)
@@ -142,6 +145,18 @@ class Trainer:
         # it (before the caller reads them): such a caller reloads best.ckpt instead.
         in_caller = os.getpid() == self.job.caller_pid
         return RunOutput(best_state=self.best_state if in_caller else None, state=self.state)
+
+    def _nothing_left(self) -> str:
+        """Why a resumed run trained no epoch, and what would make it train."""
+        done = f"resumed after epoch {self.state.epoch}, nothing left to train"
+        if self.state.stop_reason == "max_time":
+            return (
+                f"{done}: the time budget is spent ({self.state.elapsed:.0f} s of --max-time "
+                f"{self.cfg.max_time:g} s); resume with a larger --max-time to continue"
+            )
+        if self.state.stop_reason == "early_stop":
+            return f"{done}: early stopping had ended the run (raise --patience to train on)"
+        return f"{done}: every epoch of the plan was done (the run is complete)"
 
     def _restore(self) -> None:
         ckpt = load_checkpoint(self.ckpt_dir / LAST_CKPT)

@@ -106,11 +106,17 @@ def _run_row(run: Path, name: str) -> dict[str, Any]:
     return {
         "name": name,
         "run_dir": str(run),
-        "strategy": model.get("strategy"),
+        "strategy": _strategy_label(model),
         "backbone": model.get("body", {}).get("spec"),
         "val": _summary(metrics.get("val")),
         "test": _summary(metrics.get("test")),
     }
+
+
+def _strategy_label(model: Mapping[str, Any]) -> str | None:
+    """``features (linear)`` and ``features (mlp)`` are different runs: name the head too."""
+    strategy, head = model.get("strategy"), (model.get("head") or {}).get("kind")
+    return f"{strategy} ({head})" if strategy in ("features", "frozen") and head else strategy
 
 
 def _split_recipe(config: Mapping[str, Any] | None) -> tuple[Any, ...]:

@@ -264,7 +264,7 @@ def save_explanations(
         titles = _titles(chunk_paths, logits, used, classes, explained=target is not None)
         for image, cam, src, title in zip(chunk, cams, chunk_paths, titles, strict=True):
             dest = out / _unique_name(src.stem, used_names)
-            _save_explanation_png(image, cam, title, dest)
+            _save_explanation_png(image, cam, title, dest, method)
             written.append(dest)
     return written
 
@@ -318,13 +318,18 @@ def _unique_name(stem: str, used: set[str]) -> str:
     return name
 
 
-def _save_explanation_png(image: np.ndarray, cam: np.ndarray, title: str, dest: Path) -> None:
+_METHOD_NAMES = {"hirescam": "HiResCAM", "gradcam": "Grad-CAM"}
+
+
+def _save_explanation_png(
+    image: np.ndarray, cam: np.ndarray, title: str, dest: Path, method: str
+) -> None:
     fig = new_figure(EXPLANATION_FIGSIZE)
     ax1, ax2 = fig.subplots(1, 2)
     ax1.imshow(image.transpose(1, 2, 0))
     ax1.set_title("image", fontsize=9)
     ax2.imshow(overlay_cam(image, cam))
-    ax2.set_title("Grad-CAM (red = most evidence)", fontsize=9)
+    ax2.set_title(f"{_METHOD_NAMES.get(method, method)} (red = most evidence)", fontsize=9)
     for ax in (ax1, ax2):
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
