@@ -91,6 +91,8 @@ def _predict(
         # CSV has no error column: unreadable files are listed on stderr instead.
         on_error=print_error if resolved == "csv" else _quiet,
     )
+    if summary.predicted + summary.failed + summary.resumed == 0:
+        raise _nothing_matched(sources)
     line = f"{summary.predicted} predicted, {summary.failed} unreadable"
     if summary.resumed:
         line += f", {summary.resumed} already in {output}"
@@ -145,9 +147,17 @@ def _print_table(engine: Any, sources: list[str], top_k: int) -> None:
         table.add_row(
             pred.path, label, *(f"{lab} {p:.3f}" for lab, p in engine.top_k(pred.probs, k))
         )
+    if ok + bad == 0:
+        raise _nothing_matched(sources)
     out_console.print(table)
     if bad:
         _stderr(f"{ok} predicted, {bad} unreadable")
+
+
+def _nothing_matched(sources: list[str]) -> TransferlabError:
+    return TransferlabError(
+        f"no images in {', '.join(sources)}: the paths, folders and globs matched no file"
+    )
 
 
 def _stderr(line: str) -> None:

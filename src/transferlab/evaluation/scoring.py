@@ -32,6 +32,7 @@ from transferlab.evaluation.metrics import (
     fit_temperature,
 )
 from transferlab.model import softmax
+from transferlab.progress import info
 from transferlab.runs import DATA_FILE, MODEL_FILE, read_run_json
 
 if TYPE_CHECKING:
@@ -39,7 +40,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SUMMARY_KEYS", "calibrate", "classifier_split", "evaluate_split", "head_logits",
-    "prepare_run_data", "resolve_splits", "split_features", "split_logits", "tta_probs",
+    "evaluation_data", "prepare_run_data", "resolve_splits", "split_features", "split_logits",
+    "tta_probs",
 ]  # fmt: skip
 
 SUMMARY_KEYS = ("n", "accuracy", "accuracy_ci95", "balanced_accuracy", "log_loss", "ece")
@@ -353,3 +355,34 @@ def _calibrate_on_val(
     if held_out:  # key the held-out numbers by the split's real name
         cal[split] = cal.pop("test")
     return cal
+
+
+def evaluation_data(
+    data: str | os.PathLike[str],
+    config: Mapping[str, Any] | None,
+    classes: Sequence[str],
+    split: str = "test",
+    *,
+    own_data: bool = False,
+) -> tuple[PreparedData, str]:
+    """The images to score on ``data`` and the name of that split.
+
+    ``split`` of the folder as ``fit`` splits it, except: ``"all"`` scores every usable image of
+    every split; and so does the default ``"test"`` on a folder without split folders that is not
+    the run's own data — its carved 20% "test" would silently leave most of it unscored (on the
+    run's own folder the carved test split is the held-out one, and it is kept).
+    """
+    prepared = prepare_run_data(data, config, classes)
+    unsplit = (prepared.index.generated_split or {}).get("from") == "all"
+    if split != "all" and not (split == "test" and unsplit and not own_data):
+        return prepared, split
+    parts = [prepared.splits[name] for name in ("train", "val", "test") if name in prepared.splits]
+    whole = Split(
+        paths=[p for s in parts for p in s.paths],
+        labels=np.concatenate([s.labels for s in parts]),
+        digests=[d for s in parts for d in s.digests],
+    )
+    counts = ", ".join(f"{c} {int((whole.labels == i).sum())}" for i, c in enumerate(classes))
+    why = " (it has no split folders)" if unsplit and split != "all" else ""
+    info(f"{data}: scoring all {len(whole)} usable images{why}: {counts}")
+    return replace(prepared, splits={"all": whole}), "all"
