@@ -65,3 +65,16 @@ def _digested(split: Split) -> Split:
     from transferlab.data.images import file_digest
 
     return Split(split.paths, split.labels, [file_digest(p) for p in split.paths])
+
+
+def test_options_a_strategy_ignores_are_named():
+    from transferlab.config import FitConfig
+    from transferlab.strategies import ignored_options
+
+    assert ignored_options(FitConfig(epochs=10, augment="strong")) == ["augment", "epochs"]
+    assert ignored_options(FitConfig(strategy="finetune", epochs=10, unfreeze="all")) == []
+    assert ignored_options(FitConfig(strategy="scratch-basic", head="mlp")) == ["head"]
+    assert ignored_options(FitConfig(strategy="frozen", bn="train")) == ["bn"]
+    # every name it can report is an option of the config
+    names = set(FitConfig().to_dict())
+    assert all(spec.ignores <= names for spec in STRATEGIES.values())

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from transferlab.config import FitConfig
 from transferlab.strategies import features, finetune, frozen, scratch
 from transferlab.strategies.base import (
     StrategyContext,
@@ -23,7 +24,7 @@ from transferlab.strategies.base import (
 
 __all__ = [
     "STRATEGIES", "StrategyContext", "StrategyResult", "StrategySpec", "TrainSetup",
-    "body_record", "run_setup",
+    "body_record", "ignored_options", "run_setup",
 ]  # fmt: skip
 
 
@@ -32,19 +33,60 @@ class StrategySpec:
     run: Callable[[StrategyContext], StrategyResult]
     needs_backbone: bool  # the pretrained backbone + feature extractor, built by the caller
     prepare: Callable[[StrategyContext], TrainSetup] | None = None  # gradient-trained ones
+    ignores: frozenset[str] = frozenset()  # FitConfig options that change nothing here
 
 
-def _trained(prepare: Callable[[StrategyContext], TrainSetup], *, needs_backbone: bool):
+# What the training engine reads; a strategy without the engine ignores them.
+_ENGINE = frozenset(
+    {"optimizer", "max_time", "accelerator", "devices", "dist_strategy", "precision", "resume"}
+)
+_END_TO_END = frozenset(
+    {"epochs", "lr", "schedule", "warmup_epochs", "weight_decay", "label_smoothing", "patience",
+     "augment"}
+) | _ENGINE  # fmt: skip
+_FINETUNE = frozenset({"unfreeze", "lr_mult", "gradual", "bn"})
+_EXTRACTION = frozenset({"engine", "cache_dir"})
+
+
+def _trained(
+    prepare: Callable[[StrategyContext], TrainSetup], *, needs_backbone: bool, ignores: frozenset
+) -> StrategySpec:
     return StrategySpec(
-        run=lambda ctx: run_setup(ctx, prepare(ctx)), needs_backbone=needs_backbone, prepare=prepare
+        run=lambda ctx: run_setup(ctx, prepare(ctx)),
+        needs_backbone=needs_backbone,
+        prepare=prepare,
+        ignores=ignores,
     )
 
 
+_SCRATCH = _FINETUNE | _EXTRACTION | {"head"}
 STRATEGIES: dict[str, StrategySpec] = {
-    "features": StrategySpec(features.run, needs_backbone=True),
-    "frozen": StrategySpec(frozen.run, needs_backbone=True),
-    "finetune": _trained(finetune.prepare, needs_backbone=True),
-    "scratch-basic": _trained(scratch.prepare_basic, needs_backbone=False),
-    "scratch-regularized": _trained(scratch.prepare_regularized, needs_backbone=False),
-    "scratch-timm": _trained(scratch.prepare_timm, needs_backbone=False),
+    "features": StrategySpec(
+        features.run, needs_backbone=True, ignores=_END_TO_END | _FINETUNE | {"image_size"}
+    ),
+    "frozen": StrategySpec(
+        frozen.run, needs_backbone=True, ignores=_ENGINE | _FINETUNE | {"image_size"}
+    ),
+    "finetune": _trained(finetune.prepare, needs_backbone=True, ignores=frozenset({"image_size"})),
+    "scratch-basic": _trained(
+        scratch.prepare_basic, needs_backbone=False, ignores=_SCRATCH | {"backbone", "pretrained"}
+    ),
+    "scratch-regularized": _trained(
+        scratch.prepare_regularized,
+        needs_backbone=False,
+        ignores=_SCRATCH | {"backbone", "pretrained"},
+    ),
+    "scratch-timm": _trained(
+        scratch.prepare_timm, needs_backbone=False, ignores=_SCRATCH | {"pretrained"}
+    ),
 }
+
+
+def ignored_options(config: FitConfig) -> list[str]:
+    """The options ``config`` sets (away from their defaults) that its strategy ignores."""
+    defaults = FitConfig()
+    return sorted(
+        name
+        for name in STRATEGIES[config.strategy].ignores
+        if getattr(config, name) != getattr(defaults, name)
+    )
