@@ -77,7 +77,7 @@ class FitConfig:
     gradual: bool = _opt(False, "finetune: unfreeze one more stage per epoch.")
     bn: str = _opt("frozen", "BatchNorm policy: frozen | train")
     image_size: int | None = _opt(None, "Scratch CNN input size (tutorial: 150).")
-    accelerator: str = _opt("cpu", "Lightning accelerator: cpu | gpu | auto")
+    accelerator: str = _opt("auto", "Lightning accelerator: auto (a GPU if any) | cpu | gpu | mps")
     devices: int | str = _opt(1, "Lightning devices: a count or 'auto'.")
     dist_strategy: str = _opt("auto", "Lightning strategy: auto | ddp | ddp_spawn")
     precision: str = _opt("32-true", "32-true | bf16-mixed | 16-mixed")

@@ -32,12 +32,17 @@ def default_workers(config: FitConfig) -> int:
     if config.workers is not None:
         return max(0, int(config.workers))
     per_rank = max(1, available_cpus() // max(1, _int_devices(config.devices)))
-    if config.accelerator in ("gpu", "cuda"):
+    if uses_cuda(config.accelerator):
         return max(1, min(8, per_rank - 1))  # the GPU outruns JPEG decoding: feed it
     # On CPU a JPEG decode costs a few % of a core next to a training step: one or two workers
     # overlap it without taking cores from the model. The choice only changes the speed: the
     # augmentation of every item is seeded by (seed, epoch, index), not by a worker's stream.
     return 1 if per_rank <= 4 else 2
+
+
+def uses_cuda(accelerator: str) -> bool:
+    """Whether Lightning puts the run on a CUDA GPU: asked for, or "auto" with one present."""
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
 def _int_devices(devices: int | str) -> int:
