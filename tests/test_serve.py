@@ -317,3 +317,190 @@ def test_cli_serve_binds_localhost_and_warns_for_all_interfaces(run_dir, monkeyp
         assert r.exit_code == 0, r.output
     assert calls[-1]["host"] == "0.0.0.0"
     assert any("exposes" in rec.getMessage() for rec in caplog.records)
+
+
+# -- hardening (issue 11): limits that hold under abuse, nothing internal in responses ----------
+
+
+def test_head_wherever_get_exists(client):
+    for path in ("/health", "/model", "/openapi.json"):
+        r = client.head(path)
+        assert r.status_code == 200, path
+        assert r.headers["content-type"].startswith("application/json")
+    assert client.head("/predict").status_code == 405
+
+
+def test_deeply_nested_json_is_a_422_not_a_500(client):
+    body = b'{"images": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    r = client.post("/predict", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"] == "invalid JSON"
+
+
+def test_errors_show_no_object_reprs_or_server_paths(client, run_dir):
+    r = client.post("/predict", files=_files(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64))
+    assert r.status_code == 422
+    assert " object at 0x" not in r.text
+    assert str(run_dir) not in client.get("/model").text
+
+
+def test_public_spec_drops_server_folders():
+    from transferlab.serve.app import _public_spec
+
+    assert _public_spec("local-dir:/srv/weights/mobilenetv2_100") == "local-dir:mobilenetv2_100"
+    assert _public_spec("hf-hub:timm/resnet50.a1_in1k") == "hf-hub:timm/resnet50.a1_in1k"
+    assert _public_spec("mobilenetv2_035") == "mobilenetv2_035"
+
+
+def test_scrub_removes_paths_and_reprs():
+    from transferlab.serve.guards import scrub
+
+    text = "cannot identify image file <_io.BytesIO object at 0x7f3a2b> in /home/u/runs/x/a.jpg"
+    assert scrub(text) == "cannot identify image file the upload in a.jpg"
+    assert scrub({"d": ["multipart/form-data"]}) == {"d": ["multipart/form-data"]}
+
+
+def _guard(max_in_flight: int, body_timeout_s: float = 5.0):
+    from transferlab.serve.guards import GuardMiddleware
+
+    seen = []
+
+    async def inner(scope, receive, send):
+        seen.append((await receive())["body"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    return GuardMiddleware(inner, max_body=1000, max_in_flight=max_in_flight,
+                           body_timeout_s=body_timeout_s), seen  # fmt: skip
+
+
+async def _call(guard, body: bytes, *, slow_s: float = 0.0, hold: asyncio.Event | None = None):
+    scope = {"type": "http", "method": "POST", "path": "/predict",
+             "headers": [(b"content-length", str(len(body)).encode())]}  # fmt: skip
+    sent = []
+
+    async def receive():
+        if slow_s:
+            await asyncio.sleep(slow_s)
+        if hold is not None:
+            await hold.wait()
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    await guard(scope, receive, send)
+    return next(m["status"] for m in sent if m["type"] == "http.response.start")
+
+
+def test_bytes_in_flight_cap_refuses_with_503_before_reading():
+    async def scenario():
+        guard, seen = _guard(max_in_flight=1500)
+        hold = asyncio.Event()
+        first = asyncio.create_task(_call(guard, b"x" * 900, hold=hold))
+        await asyncio.sleep(0.05)
+        second = await _call(guard, b"y" * 900)  # 900 + 900 > 1500: refused unread
+        hold.set()
+        return await first, second, seen, guard.in_flight
+
+    first, second, seen, left = asyncio.run(scenario())
+    assert (first, second) == (200, 503)
+    assert seen == [b"x" * 900] and left == 0
+
+
+def test_slow_body_times_out_with_408():
+    guard, seen = _guard(max_in_flight=10_000, body_timeout_s=0.1)
+    assert asyncio.run(_call(guard, b"z" * 10, slow_s=1.0)) == 408
+    assert seen == [] and guard.in_flight == 0
+
+
+def test_rate_limit_filter_bounds_a_log_storm():
+    from transferlab.serve.limits import RateLimitFilter
+
+    f = RateLimitFilter(burst=5, window_s=60)
+    rec = logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "accept failed", (), None)
+    passed = sum(f.filter(rec) for _ in range(10_000))
+    assert passed == 5
+    f.window_s = 0  # next window: the first record says how many were dropped
+    assert f.filter(rec) and "9995 similar" in rec.getMessage()
+
+
+@pytest.fixture()
+def guarded_server():
+    """A trivial app behind GuardedH11 (cap 2 connections, 0.3 s for a request head)."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from transferlab.serve.limits import guarded_protocol
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None,
+                            http=guarded_protocol(2, 0.3), lifespan="off")  # fmt: skip
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(100):
+        if server.started:
+            break
+        time.sleep(0.05)
+    yield port
+    server.should_exit = True
+    thread.join(5)
+
+
+def _recv_all(sock, timeout: float = 2.0) -> bytes:
+    sock.settimeout(timeout)
+    got = b""
+    try:
+        while chunk := sock.recv(4096):
+            got += chunk
+    except TimeoutError:
+        pass
+    return got
+
+
+def test_slow_request_head_is_cut_off(guarded_server):
+    import socket
+
+    with socket.create_connection(("127.0.0.1", guarded_server)) as slow:
+        slow.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # never finishes the head
+        t0 = time.perf_counter()
+        assert _recv_all(slow) == b""  # closed by the server, not by our timeout
+        assert time.perf_counter() - t0 < 1.5
+    with socket.create_connection(("127.0.0.1", guarded_server)) as ok:
+        ok.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert _recv_all(ok).startswith(b"HTTP/1.1 200")
+
+
+def test_connections_over_the_cap_get_503(guarded_server):
+    import socket
+
+    held = [socket.create_connection(("127.0.0.1", guarded_server)) for _ in range(2)]
+    try:
+        time.sleep(0.1)
+        with socket.create_connection(("127.0.0.1", guarded_server)) as extra:
+            assert _recv_all(extra).startswith(b"HTTP/1.1 503")
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_tune_process_makes_room_for_the_connection_cap():
+    import resource
+
+    from transferlab.serve.limits import tune_process
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1000:
+        pytest.skip(f"hard open-files limit {hard} is below the test's need")
+    assert tune_process(500) == 500
+    assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= 500 + 256

@@ -11,13 +11,16 @@ digest, so changing any of those simply misses.
 
 Entry format (no pickle anywhere; little-endian)::
 
-    b"TLF1" | u32 header_len | header (JSON: dtype, shape; space-padded so the payload starts
-    64-byte aligned) | payload (raw C-order array bytes) | u32 crc32 of everything before it
+    b"TLF1" | u32 header_len | header (JSON: dtype, shape, digest; space-padded so the payload
+    starts 64-byte aligned) | payload (raw C-order array bytes) | u32 crc32 of everything before it
 
 A truncated, padded or bit-flipped entry fails the length or CRC check and is treated as a miss
-(and deleted), never returned. Writes go to a temp file in the same folder and are published with
-``os.replace``, which is atomic, so concurrent writers and readers only ever see whole entries;
-two processes writing the same digest simply race to publish identical content.
+(and deleted), never returned. The header names the content digest of the image the features
+belong to; an entry under another digest's name (copied over, or edited with its CRC recomputed)
+does not match the name it is read by, and is a miss that gets recomputed too. Writes go to a
+temp file in the same folder and are published with ``os.replace``, which is atomic, so
+concurrent writers and readers only ever see whole entries; two processes writing the same
+digest simply race to publish identical content.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ from pathlib import Path
 
 import numpy as np
 import platformdirs
+
+from transferlab.progress import warn
+from transferlab.storage import printable_path
 
 __all__ = ["FeatureCache", "FeatureStore", "default_cache_dir"]
 
@@ -80,6 +86,7 @@ class FeatureStore:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self._unwritable = False
 
     def get_many(self, digests: Sequence[str]) -> dict[str, np.ndarray]:
         """The cached arrays for ``digests`` that are present and intact (hits only)."""
@@ -95,7 +102,7 @@ class FeatureStore:
                 continue
             except OSError:
                 continue  # unreadable (permissions, I/O error): a miss; the put will retry
-            array = _decode(blob)
+            array = _decode(blob, digest)
             if array is None:
                 # Corrupt or truncated: drop it so the recomputed features replace it.
                 with contextlib.suppress(OSError):
@@ -105,7 +112,22 @@ class FeatureStore:
         return hits
 
     def put_many(self, items: dict[str, np.ndarray]) -> None:
-        """Store arrays atomically (temp file + os.replace); existing entries are overwritten."""
+        """Store arrays atomically (temp file + os.replace); existing entries are overwritten.
+
+        The cache only saves time: when it cannot be written (full disk, no permission) that is
+        said once, and the run goes on without it (nothing half-written is left)."""
+        if self._unwritable:
+            return
+        try:
+            self._put_many(items)
+        except OSError as exc:
+            self._unwritable = True
+            warn(
+                f"feature cache {printable_path(self.path)}: cannot write "
+                f"({exc.strerror or exc}); continuing without caching"
+            )
+
+    def _put_many(self, items: dict[str, np.ndarray]) -> None:
         made: set[Path] = set()
         for digest, array in items.items():
             entry = self._entry_path(digest)
@@ -113,7 +135,7 @@ class FeatureStore:
             if shard not in made:
                 shard.mkdir(parents=True, exist_ok=True)
                 made.add(shard)
-            blob = _encode(array)
+            blob = _encode(array, digest)
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=_SUFFIX, dir=shard)
             try:
                 with os.fdopen(fd, "wb") as f:
@@ -144,14 +166,14 @@ def _namespace_dirname(identity: str) -> str:
     return f"{slug}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
 
 
-def _encode(array: np.ndarray) -> bytes:
+def _encode(array: np.ndarray, digest: str) -> bytes:
     a = np.asarray(array)
     if a.dtype.hasobject or a.dtype.fields is not None:
         raise TypeError(f"only plain numeric arrays can be cached, got dtype {a.dtype}")
     # Store little-endian so entries are portable; '<' or '|' (byte-sized) after this.
     if a.dtype.byteorder == ">":
         a = a.astype(a.dtype.newbyteorder("<"))
-    header = json.dumps({"dtype": a.dtype.str, "shape": list(a.shape)}).encode()
+    header = json.dumps({"dtype": a.dtype.str, "shape": list(a.shape), "digest": digest}).encode()
     header_len = len(header)
     pad = (-(len(_MAGIC) + 4 + header_len)) % _ALIGN
     header += b" " * pad
@@ -160,8 +182,9 @@ def _encode(array: np.ndarray) -> bytes:
     return body + struct.pack("<I", zlib.crc32(body))
 
 
-def _decode(blob: bytes) -> np.ndarray | None:
-    """The array in ``blob``, or None when anything about it is off."""
+def _decode(blob: bytes, digest: str) -> np.ndarray | None:
+    """The array in ``blob``, or None when anything about it is off or it belongs to an image
+    other than ``digest``."""
     if len(blob) < 12 or blob[:4] != _MAGIC:
         return None
     (header_len,) = struct.unpack_from("<I", blob, 4)
@@ -175,7 +198,10 @@ def _decode(blob: bytes) -> np.ndarray | None:
         header = json.loads(blob[8 : 8 + header_len])
         dtype = np.dtype(header["dtype"])
         shape = tuple(int(d) for d in header["shape"])
+        owner = header["digest"]
     except (ValueError, KeyError, TypeError):
+        return None
+    if owner != digest:
         return None
     if dtype.hasobject or any(d < 0 for d in shape):
         return None

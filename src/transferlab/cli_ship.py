@@ -236,6 +236,18 @@ def serve(
     max_images: int = typer.Option(64, help="Images per request limit (413)."),
     threshold: float | None = typer.Option(None, help="Default 'unknown' threshold."),
     log_level: str = typer.Option("info", help="debug | info | warning"),
+    max_connections: int | None = typer.Option(
+        None, help="Open connections at once; beyond: 503 (default 4096; docs/serving.md)."
+    ),
+    header_timeout: float | None = typer.Option(
+        None, help="Seconds for a request's head to arrive, else the connection closes (10)."
+    ),
+    body_timeout: float | None = typer.Option(
+        None, help="Seconds for a body (plus 1 s per 256 KiB), else 408 (20)."
+    ),
+    max_in_flight_mb: float | None = typer.Option(
+        None, help="MiB of request bodies held at once by all requests; beyond: 503 (256)."
+    ),
 ) -> None:
     """Serve RUN over HTTP: POST /predict, GET /health, GET /model, docs at /docs."""
     if log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
@@ -260,4 +272,15 @@ def serve(
         max_pixels=max_pixels,
         max_images=max_images,
         threshold=threshold,
+        **_given(
+            max_connections=max_connections,
+            header_timeout_s=header_timeout,
+            body_timeout_s=body_timeout,
+            max_in_flight_bytes=None if max_in_flight_mb is None else int(max_in_flight_mb * MB),
+        ),
     )
+
+
+def _given(**limits: Any) -> dict[str, Any]:
+    """The limits set on the command line; the server's own defaults apply to the rest."""
+    return {k: v for k, v in limits.items() if v is not None}

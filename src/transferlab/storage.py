@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +18,68 @@ from torch import nn
 from transferlab.errors import TransferlabError
 
 
+def printable_path(path: str | os.PathLike[str]) -> str:
+    """``path`` as text that any UTF-8 writer accepts: bytes of a name that is not valid UTF-8
+    (held by Python as lone surrogates) become ``\\xNN`` escapes; valid names are unchanged."""
+    text = os.fspath(path)
+    if isinstance(text, bytes):
+        return text.decode("utf-8", "backslashreplace")
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that did not come from a file name
+        return text.encode("utf-8", "backslashreplace").decode("ascii")
+    return raw.decode("utf-8", "backslashreplace")
+
+
 def _tmp_sibling(path: Path) -> Path:
     return path.with_name(path.name + f".tmp{os.getpid()}")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file and a rename."""
+    """Write via a temporary file and a rename (UTF-8; see :func:`atomic_write_bytes`).
+
+    Text that holds file names which are not valid UTF-8 is written with those bytes as
+    ``\\xNN`` escapes instead of failing after all the work that produced it.
+    """
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:
+        data = printable_path(text).encode("utf-8")
+    atomic_write_bytes(Path(path), data)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temporary file and a rename; a failed write (full disk, no permission) is one
+    TransferlabError naming the file and the cause, and leaves neither a temporary file nor a
+    half-written ``path`` behind (the old file, if any, is untouched)."""
     tmp = _tmp_sibling(path)
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with _write_guard(path, tmp):
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _write_guard(path: Path, tmp: Path) -> Iterator[None]:
+    try:
+        yield
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError":
+            cause = getattr(exc, "strerror", None) or str(exc)
+            raise TransferlabError(
+                f"{printable_path(path)}: cannot write ({cause}); free disk space or fix the "
+                "folder's permissions, then run the command again"
+            ) from exc
+        raise
 
 
 def _json_default(o: Any) -> Any:
@@ -64,10 +118,11 @@ def read_json(path: str | os.PathLike[str], default: Any = None) -> Any:
 
 
 def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
-    """Named tensors to a safetensors file, atomically."""
+    """Named tensors to a safetensors file, atomically (failures as in atomic_write_bytes)."""
     tmp = _tmp_sibling(path)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    with _write_guard(path, tmp):
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, path)
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -24,6 +24,7 @@ from typing import Any
 
 from transferlab.data.layouts import SPLITS, LabelledFiles, list_labelled
 from transferlab.errors import TransferlabError
+from transferlab.storage import printable_path
 
 __all__ = [
     "DatasetIndex",
@@ -60,6 +61,10 @@ class DatasetIndex:
     samples: list[Sample]
     generated_split: dict[str, Any] | None = None
     problems: list[str] = field(default_factory=list)
+    # Paths found but not usable (dangling/looping links, unreadable folders, unsupported
+    # formats) with the reason, and kept files whose names are not valid UTF-8.
+    unusable: list[tuple[str, str]] = field(default_factory=list)
+    odd_names: list[str] = field(default_factory=list)
 
     def split(self, name: str) -> list[Sample]:
         """Samples of one split, in index order (split, class, file order)."""
@@ -99,6 +104,7 @@ class DatasetIndex:
             ],
             "generated_split": copy.deepcopy(self.generated_split),
             "problems": list(self.problems),
+            "unusable": [{"path": printable_path(p), "reason": r} for p, r in self.unusable],
         }
 
     @classmethod
@@ -113,6 +119,7 @@ class DatasetIndex:
             ],
             generated_split=d.get("generated_split"),
             problems=list(d.get("problems", [])),
+            unusable=[(u["path"], u["reason"]) for u in d.get("unusable", [])],
         )
 
 
@@ -177,6 +184,8 @@ def discover(
         samples=samples,
         generated_split=generated,
         problems=problems,
+        unusable=list(getattr(found.problems, "unusable", [])),
+        odd_names=list(getattr(found.problems, "odd_names", [])),
     )
 
 

@@ -20,8 +20,10 @@ import os
 import re
 from dataclasses import dataclass
 
+from transferlab.data.entries import UNSUPPORTED_EXTENSIONS, Problems, entry_problem
 from transferlab.data.images import IMAGE_EXTENSIONS
 from transferlab.errors import TransferlabError
+from transferlab.storage import printable_path
 
 __all__ = ["SPLITS", "LabelledFiles", "list_labelled"]
 
@@ -62,14 +64,16 @@ def list_labelled(
         raise TransferlabError(
             f"{root}: is a file; point at a folder of images or a .csv with path,label columns"
         )
-    problems: list[str] = []
+    problems = Problems()
     if label_regex is not None:
         pattern = _compile_label_regex(label_regex)
         files = _walk_images(root, problems)
         items = _labels_from_names(root, files, pattern, problems)
         return LabelledFiles(root, "file_names", items, problems)
 
-    dirs, files = _list_dir(root)
+    dirs, files = _list_dir(root, problems)
+    if problems.unusable and problems.unusable[0][0] == root:
+        raise TransferlabError(f"{printable_path(root)}: {problems.unusable[0][1]}")
     splits = _split_dirs(root, dirs)
     if splits:
         return _scan_split_folders(root, splits, dirs, files, problems)
@@ -112,7 +116,7 @@ def _split_dirs(root: str, dirs: list[str]) -> dict[str, str]:
 
 
 def _scan_split_folders(
-    root: str, splits: dict[str, str], dirs: list[str], files: list[str], problems: list[str]
+    root: str, splits: dict[str, str], dirs: list[str], files: list[str], problems: Problems
 ) -> LabelledFiles:
     for d in dirs:
         if d not in splits.values():
@@ -122,7 +126,7 @@ def _scan_split_folders(
     for split in SPLITS:
         if split not in splits:
             continue
-        class_dirs, loose = _list_dir(splits[split])
+        class_dirs, loose = _list_dir(splits[split], problems)
         _report_loose_files(loose, problems, "image outside a class folder")
         for d in class_dirs:
             images = _walk_images(d, problems)
@@ -138,7 +142,7 @@ def _scan_split_folders(
 
 
 def _scan_class_folders(
-    root: str, dirs: list[str], files: list[str], problems: list[str]
+    root: str, dirs: list[str], files: list[str], problems: Problems
 ) -> LabelledFiles | None:
     """``root/<class>/...``, or None when no sub-folder holds an image."""
     items: list[Item] = []
@@ -158,7 +162,7 @@ def _scan_class_folders(
 
 def _scan_csv(csv_path: str) -> LabelledFiles:
     base = os.path.dirname(csv_path)
-    problems: list[str] = []
+    problems = Problems()
     items: list[Item] = []
     missing: list[str] = []
     seen: dict[str, int] = {}
@@ -170,8 +174,7 @@ def _scan_csv(csv_path: str) -> LabelledFiles:
         if not os.path.isfile(path):
             missing.append(rel)
             continue
-        if os.path.splitext(path)[1].lower() not in IMAGE_EXTENSIONS:
-            problems.append(f"skipped non-image file: {path}")
+        if not _keep_images([path], problems):
             continue
         if path in seen:
             problems.append(f"{csv_path}:{line}: {rel} is already on line {seen[path]}, skipped")
@@ -282,24 +285,45 @@ def _compile_label_regex(label_regex: str) -> re.Pattern[str]:
 # file system
 
 
-def _list_dir(folder: str) -> tuple[list[str], list[str]]:
-    """(sub-folders, files) of ``folder``, hidden entries skipped, sorted for determinism."""
+def _list_dir(folder: str, problems: Problems | None = None) -> tuple[list[str], list[str]]:
+    """(sub-folders, files) of ``folder``, hidden entries skipped, sorted for determinism.
+
+    Without ``problems`` an unlistable folder is an error; with it, the folder and every entry
+    that cannot be used (dangling or looping link, unreadable) is recorded there and skipped.
+    """
     dirs, files = [], []
     try:
-        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
     except OSError as exc:
-        raise TransferlabError(f"{folder}: cannot list folder: {exc.strerror or exc}") from None
+        if problems is None:
+            raise TransferlabError(
+                f"{printable_path(folder)}: cannot list folder: {exc.strerror or exc}"
+            ) from None
+        problems.skip(folder, f"unreadable folder ({exc.strerror or exc})")
+        return [], []
     for entry in entries:
         if entry.name.startswith(".") or entry.name in _IGNORED_DIRS:
             continue
-        if entry.is_dir():
+        kind, reason = entry_problem(entry)
+        if reason is not None:
+            if problems is None:
+                raise TransferlabError(f"{printable_path(entry.path)}: {reason}")
+            problems.skip(entry.path, reason)
+        elif kind == "dir":
             dirs.append(entry.path)
-        elif entry.is_file():
+        elif kind == "file":
             files.append(entry.path)
+            if problems is not None and printable_path(entry.name) != entry.name:
+                problems.odd_names.append(entry.path)
+                problems.append(
+                    f"file name is not valid UTF-8 (kept, shown with \\x escapes): "
+                    f"{printable_path(entry.path)}"
+                )
     return dirs, files
 
 
-def _walk_images(folder: str, problems: list[str]) -> list[str]:
+def _walk_images(folder: str, problems: Problems) -> list[str]:
     """All image files under ``folder`` at any depth (symlinked folders followed once)."""
     images: list[str] = []
     seen: set[str] = set()
@@ -310,7 +334,7 @@ def _walk_images(folder: str, problems: list[str]) -> list[str]:
         if real in seen:
             continue
         seen.add(real)
-        dirs, files = _list_dir(current)
+        dirs, files = _list_dir(current, problems)
         images += _keep_images(files, problems)
         stack += reversed(dirs)
     return images
@@ -319,10 +343,13 @@ def _walk_images(folder: str, problems: list[str]) -> list[str]:
 def _keep_images(files: list[str], problems: list[str]) -> list[str]:
     images = []
     for path in files:
-        if os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS:
+        ext = os.path.splitext(path)[1].lower()
+        if ext in IMAGE_EXTENSIONS:
             images.append(path)
+        elif ext in UNSUPPORTED_EXTENSIONS and isinstance(problems, Problems):
+            problems.skip(path, f"unsupported image format {ext} (convert it to JPEG or PNG)")
         else:
-            problems.append(f"skipped non-image file: {path}")
+            problems.append(f"skipped non-image file: {printable_path(path)}")
     return images
 
 

@@ -18,6 +18,7 @@ from transferlab.data.discover import DatasetIndex, discover, find_cross_split_d
 from transferlab.data.scan import scan_files
 from transferlab.errors import TransferlabError
 from transferlab.progress import progress, warn
+from transferlab.storage import printable_path
 
 __all__ = ["PreparedData", "Split", "prepare_data"]
 
@@ -54,7 +55,7 @@ class PreparedData:
                 name: {c: int((s.labels == i).sum()) for i, c in enumerate(self.index.classes)}
                 for name, s in self.splits.items()
             },
-            "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
+            "skipped": [{"path": printable_path(p), "reason": r} for p, r in self.skipped],
             "cross_split_duplicates": [list(pair) for pair in self.duplicates],
         }
 
@@ -79,7 +80,9 @@ def prepare_data(data: str | os.PathLike, config: FitConfig) -> PreparedData:
             on_progress=advance,
         )
     bad = dict(scan.failures)
-    skipped = [(samples[i].path, reason) for i, reason in scan.failures]
+    skipped = list(index.unusable) + [(samples[i].path, reason) for i, reason in scan.failures]
+    if config.strict and index.odd_names:
+        skipped += [(p, "file name is not valid UTF-8") for p in index.odd_names]
     _report_skipped(skipped, strict=config.strict)
     digests = {s.path: d for s, d in zip(samples, scan.digests, strict=True) if d is not None}
     dup_pairs = find_cross_split_duplicates(
@@ -108,7 +111,7 @@ def prepare_data(data: str | os.PathLike, config: FitConfig) -> PreparedData:
 def _report_skipped(skipped: list[tuple[str, str]], *, strict: bool) -> None:
     if not skipped:
         return
-    lines = "\n".join(f"  {p}: {r}" for p, r in skipped[:20])
+    lines = "\n".join(f"  {printable_path(p)}: {r}" for p, r in skipped[:20])
     more = f"\n  … and {len(skipped) - 20} more" if len(skipped) > 20 else ""
     if strict:
         raise TransferlabError(

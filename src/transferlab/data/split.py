@@ -8,6 +8,7 @@ only ever read: files are copied (or hard-linked), never moved.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import math
@@ -20,6 +21,7 @@ from pathlib import Path
 from transferlab.data.discover import seeded_order
 from transferlab.data.layouts import SPLITS, list_labelled
 from transferlab.errors import TransferlabError
+from transferlab.storage import printable_path
 
 __all__ = ["split_folder"]
 
@@ -133,20 +135,35 @@ def _materialise(plan: list[tuple[str, str, str]], base: str, dest_root: str, li
     for src, split, label in sorted(plan, key=lambda t: (t[1], t[2], t[0])):
         folder = os.path.join(dest_root, split, label)
         name = _free_name(src, base, used[folder])
-        os.makedirs(folder, exist_ok=True)
         target = os.path.join(folder, name)
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            raise TransferlabError(
+                f"{printable_path(folder)}: cannot create folder ({exc.strerror or exc})"
+            ) from None
         if link:
             try:
                 os.link(src, target)
                 continue
             except OSError as exc:
                 if exc.errno not in _NO_LINK:
-                    raise TransferlabError(f"{target}: cannot link {src}: {exc}") from None
+                    raise TransferlabError(
+                        f"{printable_path(target)}: cannot link {printable_path(src)}: "
+                        f"{exc.strerror or exc}"
+                    ) from None
                 copied_instead += 1
         try:
             shutil.copy2(src, target)
         except OSError as exc:
-            raise TransferlabError(f"{target}: cannot copy {src}: {exc}") from None
+            # A half-copied image must not stay behind for a later `fit` to pick up.
+            with contextlib.suppress(OSError):
+                os.unlink(target)
+            raise TransferlabError(
+                f"{printable_path(target)}: cannot copy {printable_path(src)}: "
+                f"{exc.strerror or exc}; free disk space or fix permissions, then split again "
+                "into an empty folder"
+            ) from None
     if copied_instead:
         log.warning(
             "hard links are not possible from the source to %s (another device or file system); "

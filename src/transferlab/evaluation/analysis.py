@@ -10,6 +10,7 @@ Scoring itself (splits, logits, TTA, calibration) is :mod:`transferlab.evaluatio
 from __future__ import annotations
 
 import csv
+import io
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ from transferlab.evaluation.scoring import split_features
 from transferlab.heads import DEFAULT_L2, fit_head
 from transferlab.model import softmax
 from transferlab.runs import PREDICTIONS_FILE
+from transferlab.storage import atomic_write_text, printable_path
 
 if TYPE_CHECKING:
     from transferlab.api import Classifier
@@ -47,15 +49,16 @@ def save_predictions(
     """Write ``predictions.csv`` (split, path, label, predicted, one probability per class):
     per-image results, so runs can be compared image by image without re-running them."""
     path = Path(run_dir) / PREDICTIONS_FILE
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with tmp.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["split", "path", "label", "predicted", *(f"p_{c}" for c in classes)])
-        for name, (split, probs) in predictions.items():
-            pred = np.asarray(probs).argmax(axis=1)
-            for p, y, k, row in zip(split.paths, split.labels, pred, probs, strict=True):
-                w.writerow([name, p, classes[int(y)], classes[int(k)], *(f"{v:.6f}" for v in row)])
-    os.replace(tmp, path)
+    fh = io.StringIO(newline="")
+    w = csv.writer(fh)
+    w.writerow(["split", "path", "label", "predicted", *(f"p_{c}" for c in classes)])
+    for name, (split, probs) in predictions.items():
+        pred = np.asarray(probs).argmax(axis=1)
+        for p, y, k, row in zip(split.paths, split.labels, pred, probs, strict=True):
+            # printable_path: a name that is not valid UTF-8 is written with \xNN escapes.
+            cells = [name, printable_path(p), classes[int(y)], classes[int(k)]]
+            w.writerow([*cells, *(f"{v:.6f}" for v in row)])
+    atomic_write_text(path, fh.getvalue())
     return path
 
 

@@ -7,9 +7,11 @@ import itertools
 import os
 from collections.abc import Iterable, Iterator, Sequence
 
+from transferlab.data.entries import UNSUPPORTED_EXTENSIONS, entry_problem
 from transferlab.data.images import IMAGE_EXTENSIONS
 from transferlab.errors import TransferlabError
 from transferlab.progress import warn
+from transferlab.storage import printable_path
 
 __all__ = ["Sources", "chunks", "iter_sources"]
 
@@ -54,30 +56,60 @@ def _iter_plan(plan: list[tuple[str, str]]) -> Iterator[str]:
 
 
 def _walk(root: str) -> Iterator[str]:
-    """Image files under ``root``, depth first, holding one open directory per level."""
-    stack = [os.scandir(root)]
+    """Image files under ``root``, depth first, holding one open directory per level.
+
+    Every path that cannot be predicted is named on stderr with the reason (dangling or looping
+    link, unreadable folder, unsupported image format), never dropped without a word.
+    """
+    stack = [(root, os.scandir(root))]
     try:
         while stack:
-            entry = next(stack[-1], None)
+            folder, it = stack[-1]
+            try:
+                entry = next(it, None)
+            except OSError as exc:  # the folder became unreadable while listing it
+                warn(f"{printable_path(folder)}: listing stopped ({exc.strerror or exc})")
+                entry = None
             if entry is None:
-                stack.pop().close()
+                stack.pop()[1].close()
                 continue
             if entry.name.startswith("."):
                 continue
-            try:
-                # Symlinked folders are not entered (like Path.rglob): a link to a parent would
-                # loop forever. Symlinked files are followed.
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(os.scandir(entry.path))
-                elif (
-                    entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS
-                ):
-                    yield entry.path
-            except OSError:
-                continue  # an unreadable sub-folder or a dangling link: nothing to predict there
+            path = _walk_entry(entry)
+            if path == _DESCEND:
+                try:
+                    stack.append((entry.path, os.scandir(entry.path)))
+                except OSError as exc:
+                    warn(f"{printable_path(entry.path)}: unreadable folder ({exc.strerror or exc})")
+            elif path is not None:
+                yield path
     finally:
-        for it in stack:
+        for _, it in stack:
             it.close()
+
+
+_DESCEND = "\0descend"
+
+
+def _walk_entry(entry: os.DirEntry[str]) -> str | None:
+    """The entry's path when it is an image to predict, ``_DESCEND`` for a folder, else None."""
+    # Symlinked folders are not entered (like Path.rglob): a link to a parent would loop
+    # forever. Symlinked files are followed.
+    try:
+        if entry.is_dir(follow_symlinks=False):
+            return _DESCEND
+    except OSError:
+        pass
+    kind, reason = entry_problem(entry)
+    ext = os.path.splitext(entry.name)[1].lower()
+    if reason is None and kind == "file" and ext in UNSUPPORTED_EXTENSIONS:
+        reason = f"unsupported image format {ext} (convert it to JPEG or PNG)"
+    if reason is not None:
+        warn(f"{printable_path(entry.path)}: {reason}, not predicted")
+        return None
+    if kind == "file" and ext in IMAGE_EXTENSIONS:
+        return entry.path
+    return None
 
 
 def chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:

@@ -25,7 +25,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from transferlab.serve.batcher import MicroBatcher
 from transferlab.serve.decode import decode_upload, read_images
 from transferlab.serve.guards import (
+    DEFAULT_BODY_TIMEOUT,
     DEFAULT_MAX_BODY,
+    DEFAULT_MAX_IN_FLIGHT,
     DEFAULT_MAX_PIXELS,
     ApiError,
     GuardMiddleware,
@@ -33,6 +35,14 @@ from transferlab.serve.guards import (
     http_error,
     log,
     validation_error,
+)
+from transferlab.serve.limits import (
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    guarded_protocol,
+    install_log_limits,
+    release_memory,
+    tune_process,
 )
 from transferlab.serve.schemas import (
     ERROR_RESPONSES,
@@ -173,12 +183,16 @@ def create_app(
     max_images: int = 64,
     threshold: float | None = None,
     decode_concurrency: int | None = None,
+    max_in_flight_bytes: int = DEFAULT_MAX_IN_FLIGHT,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT,
 ) -> FastAPI:
     """A FastAPI app serving the model in ``run_dir`` (see the package docstring).
 
     ``max_images``: images per request. ``threshold``: default for the ``threshold`` query
     parameter. ``decode_concurrency``: images decoded at once (default: usable CPUs), which bounds
-    the memory a burst of large uploads can take.
+    the memory a burst of large uploads can take. ``max_in_flight_bytes``: request bodies held
+    at once by all requests together (beyond it: 503). ``body_timeout_s``: time for a body to
+    arrive (beyond it: 408).
     """
     import transferlab
     from transferlab.predict import PredictionEngine
@@ -212,12 +226,22 @@ def create_app(
     # batcher's inference function.
     app.state.engine = engine
     app.state.batcher = batcher
+    _install_routes(app, max_body_bytes, max_in_flight_bytes, body_timeout_s)
+    return app
+
+
+def _install_routes(app: FastAPI, max_body: int, max_in_flight: int, body_timeout_s: float) -> None:
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.include_router(router)
     # Inside Starlette's ServerErrorMiddleware, so no exception ever reaches its traceback logger.
-    app.add_middleware(GuardMiddleware, max_body=max_body_bytes)
-    return app
+    app.add_middleware(
+        GuardMiddleware,
+        max_body=max_body,
+        max_in_flight=max_in_flight,
+        body_timeout_s=body_timeout_s,
+        on_idle=_release_soon,
+    )
 
 
 def _model_info(
@@ -243,7 +267,7 @@ def _model_info(
         "run": run_dir.name,
         "classes": list(saved.classes),
         "backbone": {
-            "spec": saved.body.get("spec"),
+            "spec": _public_spec(saved.body.get("spec")),
             "architecture": (saved.body.get("recipe") or {}).get("architecture"),
             "trained": bool(saved.body.get("trained", False)),
         },
@@ -261,26 +285,58 @@ def _model_info(
     }
 
 
+def _public_spec(spec: Any) -> Any:
+    """A spec without the server's folders (``local-dir:/a/b/name`` → ``local-dir:name``)."""
+    if not isinstance(spec, str) or ":" not in spec:
+        return spec
+    kind, _, rest = spec.partition(":")
+    if kind.startswith("local") or os.path.isabs(rest) or rest.startswith((".", "~")):
+        return f"{kind}:{os.path.basename(rest.rstrip('/'))}"
+    return spec
+
+
+def _release_soon() -> None:
+    """After a burst (no upload held any more): return freed memory to the OS, once."""
+    with contextlib.suppress(RuntimeError):
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.2, release_memory)
+
+
 def run_server(
     run_dir: str | os.PathLike[str],
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
     log_level: str = "info",
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT,
     **limits: Any,
 ) -> None:
-    """Serve ``run_dir`` with uvicorn (one process; batching happens inside it)."""
+    """Serve ``run_dir`` with uvicorn (one process; batching happens inside it), behind the
+    connection cap and request-head timeout of :mod:`.limits`."""
     import uvicorn
 
     logging.basicConfig(
         level=getattr(logging, log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    install_log_limits()
     if host in ("0.0.0.0", "::", ""):
         log.warning(
             "binding %s exposes the model to every network this machine is on; "
             "use --host 127.0.0.1 unless that is intended",
             host or "all interfaces",
         )
+    max_connections = tune_process(max_connections)
     app = create_app(run_dir, **limits)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug")
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        log_config=None,  # uvicorn's records go to the root handler and its rate limit
+        access_log=log_level == "debug",
+        http=guarded_protocol(max_connections, header_timeout_s),
+        backlog=min(max_connections, 4096),
+        timeout_keep_alive=5,
+    )

@@ -97,6 +97,8 @@ def _json_images(body: bytes) -> list[bytes]:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(422, "invalid JSON", str(exc)) from None
+    except RecursionError:
+        raise ApiError(422, "invalid JSON", 'nested too deeply; send {"images": [...]}') from None
     if not isinstance(doc, dict) or "images" not in doc:
         got = sorted(doc) if isinstance(doc, dict) else type(doc).__name__
         raise ApiError(422, "missing images", f'expected {{"images": [base64, ...]}}; got {got}')
