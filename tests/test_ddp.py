@@ -13,6 +13,7 @@ import torch
 from test_engine import PRE, evaluate, make_split, state_equal, tiny_config, tiny_net
 from transferlab.engine import Stage, load_checkpoint, train
 from transferlab.runs import SavedModel
+from transferlab.storage import state_digest
 
 
 @pytest.mark.slow
@@ -40,7 +41,8 @@ def test_ddp_spawn_two_cpu_processes(tmp_path, monkeypatch):
     assert state_equal(ckpt["model"], net.state_dict())
     recipe = {"kind": "timm", "architecture": "test_efficientnet"}
     head = {"kind": "linear", "in_features": net.body.num_features, "num_classes": 2}
-    saved = SavedModel(net, ["a", "b"], PRE, {"recipe": recipe}, head, "finetune")
+    body = {"spec": "test_efficientnet", "recipe": recipe, "weights_hash": state_digest(net.body)}
+    saved = SavedModel(net, ["a", "b"], PRE, body, head, "finetune")
     loaded = SavedModel.load(saved.save(tmp_path / "model"))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

@@ -77,3 +77,36 @@ def test_seeds_report_mean_and_sd(data, tmp_path):
 def test_unknown_rung_is_a_user_error(data, tmp_path):
     with pytest.raises(TransferlabError, match="unknown rung"):
         ladder(data, out=tmp_path / "x", rungs=["magic"])
+
+
+@pytest.mark.slow
+def test_tracked_ladder_logs_a_parent_and_one_child_per_rung(data, tmp_path, monkeypatch):
+    pytest.importorskip("mlflow", reason="mlflow-skinny is in requirements.txt")
+    from mlflow.tracking import MlflowClient
+
+    uri = (tmp_path / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    rungs = ["features-linear", "features-mlp"]
+    ladder(
+        data, out=tmp_path / "ladder", rungs=rungs, quick=True, track="mlflow", backbone=TINY,
+        pretrained=False, engine="torch", cache_dir=str(tmp_path / "cache"), workers=0,
+    )  # fmt: skip
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("transferlab")
+    found = client.search_runs([exp.experiment_id])
+    (parent,) = [r for r in found if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in found if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.info.run_name for r in children) == rungs
+    assert len(found) == 3 and parent.info.status == "FINISHED"
+    for child in children:
+        assert child.info.status == "FINISHED"
+        m = child.data.metrics
+        for key in ("val_accuracy", "test_accuracy", "test_accuracy_ci95_low",
+                    "test_accuracy_ci95_high", "time_total_s"):  # fmt: skip
+            assert key in m, (child.info.run_name, key)
+        assert parent.data.metrics[f"{child.info.run_name}.test_accuracy"] == m["test_accuracy"]
+        assert child.data.params["config.track"] == "mlflow"
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"report.html", "head.safetensors", "provenance.json"} <= artifacts
+    assert {"ladder.json", "ladder.md"} <= {a.path for a in client.list_artifacts(
+        parent.info.run_id)}  # fmt: skip

@@ -23,6 +23,7 @@ from transferlab.evaluation.plots import plot_compare, plot_learning_curves
 from transferlab.evaluation.report import write_report
 from transferlab.progress import info
 from transferlab.runs import CURVES_PNG, HISTORY_FILE, LADDER_FILE, LADDER_MD, LADDER_PNG
+from transferlab.tracking import end_run, log_fit, start_run, tracking_uri
 
 # The scratch rungs are the expensive ones on a CPU: 15 epochs at the tutorial's 150x150 show
 # the overfitting story and keep the whole default ladder inside 30 min on 2 cores.
@@ -100,22 +101,15 @@ def ladder(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     prepared = prepare_data(data, base)
-    results: list[dict[str, Any]] = []
-    for name in names:
-        description, overrides = RUNGS[name]
-        runs = []
-        for k in range(seeds):
-            cfg = replace(base, **{**overrides, **(QUICK.get(name, {}) if quick else {})})
-            cfg.seed = base.seed + k
-            run_dir = out / name if seeds == 1 else out / name / f"seed{cfg.seed}"
-            info(f"[bold]{name}[/bold] ({description}), seed {cfg.seed}")
-            t0 = time.perf_counter()
-            clf = fit(data, out=run_dir, config=cfg, prepared=prepared)
-            seconds = time.perf_counter() - t0
-            write_report(run_dir, classifier=clf)
-            runs.append(_rung_record(clf.metrics, seconds, run_dir, cfg.seed))
-            _say(name, runs[-1])
-        results.append(_combine(name, description, overrides, runs))
+    parent = _start_parent(base, out, data)
+    try:
+        results = [
+            _run_rung(name, data, prepared, base, out, seeds, quick, parent) for name in names
+        ]
+    except BaseException:
+        if parent:
+            end_run(parent, "FAILED")
+        raise
     report = {
         "data": str(data),
         "backbone": base.backbone,
@@ -127,7 +121,59 @@ def ladder(
     (out / LADDER_MD).write_text(markdown_table(report))
     _charts(report, out)
     write_report(out)
+    if parent:
+        _finish_parent(parent, report, out)
     return report
+
+
+def _run_rung(name, data, prepared, base, out, seeds, quick, parent) -> dict[str, Any]:
+    """One rung, ``seeds`` times; each fit is a child of the ladder's MLflow run when tracked."""
+    description, overrides = RUNGS[name]
+    runs = []
+    for k in range(seeds):
+        cfg = replace(base, **{**overrides, **(QUICK.get(name, {}) if quick else {})})
+        cfg.seed = base.seed + k
+        cfg.track = None  # the child is logged below, after its report, under the parent
+        run_dir = out / name if seeds == 1 else out / name / f"seed{cfg.seed}"
+        info(f"[bold]{name}[/bold] ({description}), seed {cfg.seed}")
+        t0 = time.perf_counter()
+        clf = fit(data, out=run_dir, config=cfg, prepared=prepared)
+        seconds = time.perf_counter() - t0
+        write_report(run_dir, classifier=clf)
+        if parent:
+            child = log_fit(clf, run_dir, parent=parent, name=run_dir.relative_to(out).as_posix(),
+                            overrides={"track": base.track})  # fmt: skip
+            end_run(child)
+        runs.append(_rung_record(clf.metrics, seconds, run_dir, cfg.seed))
+        _say(name, runs[-1])
+    return _combine(name, description, overrides, runs)
+
+
+def _start_parent(base: FitConfig, out: Path, data: Any) -> str | None:
+    if not base.track:
+        return None
+    return start_run(
+        f"ladder {out.name}",
+        tags={"ladder": "true", "dataset": Path(data).name, "backbone": base.backbone},
+    )
+
+
+def _finish_parent(parent: str, report: dict[str, Any], out: Path) -> None:
+    """The ladder's own figures (each rung's val/test accuracy) and files on the parent run."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri())
+    client.log_param(parent, "rungs", ",".join(r["name"] for r in report["rungs"]))
+    client.log_param(parent, "seeds", len(report["seeds"]))
+    for rung in report["rungs"]:
+        for split in ("val", "test"):
+            if split in rung:
+                client.log_metric(parent, f"{rung['name']}.{split}_accuracy",
+                                  rung[split]["accuracy"])  # fmt: skip
+    for name in (LADDER_FILE, LADDER_MD, LADDER_PNG, "report.html"):
+        if (out / name).is_file():
+            client.log_artifact(parent, str(out / name))
+    end_run(parent)
 
 
 def _rung_record(metrics: dict[str, Any], seconds: float, run_dir: Path, seed: int):

@@ -22,11 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from transferlab.engine import BEST_CKPT, CHECKPOINT_DIR, HISTORY_CSV, LAST_CKPT
 from transferlab.errors import TransferlabError
 from transferlab.heads import build_head
 from transferlab.model import ClassifierNet, build_body
 from transferlab.preprocess import Preprocess
+from transferlab.provenance import seal_run, unseal_run
+from transferlab.run_schema import check_head_shapes, validate_model_meta
 from transferlab.storage import atomic_write_text, load_tensors, read_json, save_tensors
 from transferlab.system import library_versions
 
@@ -78,9 +82,12 @@ class SavedModel:
     temperature: float = 1.0
     versions: dict[str, str] = field(default_factory=library_versions)
 
-    def save(self, out: str | os.PathLike) -> Path:
+    def save(self, out: str | os.PathLike, *, seal: bool = True) -> Path:
+        """Write model.json and the weights; ``seal``: then record every run file's digest
+        (``Classifier.save`` seals once, after the records it adds)."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
+        unseal_run(out)  # a save that stops midway must not leave a seal over mixed files
         save_tensors(self.net.body.state_dict(), out / BODY_FILE)
         save_tensors(self.net.head.state_dict(), out / HEAD_FILE)
         meta = {
@@ -95,6 +102,8 @@ class SavedModel:
             "versions": self.versions,
         }
         atomic_write_text(out / MODEL_FILE, json.dumps(meta, indent=2, default=str))
+        if seal:
+            seal_run(out)
         return out
 
     @classmethod
@@ -103,8 +112,8 @@ class SavedModel:
         meta = _read_meta(path)
         body = build_body(meta["body"]["recipe"])
         head = build_head(meta["head"])
-        body.load_state_dict(load_tensors(path / BODY_FILE))
-        head.load_state_dict(load_tensors(path / HEAD_FILE))
+        _load_weights(body, path / BODY_FILE, "body.recipe")
+        _load_weights(head, path / HEAD_FILE, "head")
         return cls(
             net=ClassifierNet(body, head).eval(),
             classes=list(meta["classes"]),
@@ -118,6 +127,17 @@ class SavedModel:
         )
 
 
+def _load_weights(module: nn.Module, path: Path, described_by: str) -> None:
+    try:
+        module.load_state_dict(load_tensors(path))
+    except RuntimeError as e:  # missing/unexpected keys or shapes: the file and model.json disagree
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TransferlabError(
+            f"{path}: weights do not fit the network model.json's {described_by} describes "
+            f"({first}); the run folder is inconsistent: re-run fit or restore the folder"
+        ) from None
+
+
 def _read_meta(path: Path) -> dict[str, Any]:
     meta_path = path / MODEL_FILE
     if not meta_path.is_file():
@@ -126,12 +146,65 @@ def _read_meta(path: Path) -> dict[str, Any]:
             "pass the --out folder of a `transferlab fit` run"
         )
     try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, bad UTF-8, too deep
         raise TransferlabError(f"{meta_path}: unreadable model description ({e})") from e
+    if not isinstance(meta, dict):
+        raise TransferlabError(f"{meta_path}: not a model description (expected a JSON object)")
     if meta.get("format_version") != FORMAT_VERSION:
         raise TransferlabError(
             f"{meta_path}: format version {meta.get('format_version')} is not supported "
             f"by this transferlab (expects {FORMAT_VERSION})"
         )
+    # Types, ranges, class count vs head, no paths outside the folder; then the head weights'
+    # shapes against the spec, from the safetensors header (no weights are read).
+    validate_model_meta(meta, meta_path)
+    check_head_shapes(build_head(meta["head"]), path / HEAD_FILE)
     return meta
+
+
+def run_rows(root: str | os.PathLike) -> list[dict[str, Any]]:
+    """One row per run folder under ``root`` (any depth): when, strategy, backbone, data,
+    val/test accuracy with its 95% CI, and training time; unreadable records leave blanks."""
+    rows = []
+    for run in _run_folders(Path(root)):
+        meta_path = run / MODEL_FILE
+        try:
+            meta = read_json(meta_path) or {}
+            metrics = read_json(run / METRICS_FILE) or {}
+            data = read_json(run / DATA_FILE) or {}
+        except TransferlabError:
+            meta, metrics, data = {}, {}, {}
+        row: dict[str, Any] = {
+            "run": str(run),
+            "date": _iso(meta_path.stat().st_mtime),
+            "strategy": meta.get("strategy"),
+            "backbone": (meta.get("body") or {}).get("spec"),
+            "data": (data.get("index") or {}).get("root"),
+            "time_s": (metrics.get("timings") or {}).get("total_s"),
+        }
+        for split in ("val", "test"):
+            m = metrics.get(split) or {}
+            ci = m.get("accuracy_ci95") or [None, None]
+            row.update({f"{split}_acc": m.get("accuracy"), f"{split}_lo": ci[0],
+                        f"{split}_hi": ci[1]})  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+def _run_folders(root: Path) -> list[Path]:
+    """Run folders under root, not descending into one (checkpoints/) nor into an MLflow store
+    or hidden folder, whose artifact copies of runs would be listed twice."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        if MODEL_FILE in filenames:
+            found.append(Path(dirpath))
+            dirnames.clear()
+        dirnames[:] = [d for d in dirnames if d != "mlruns" and not d.startswith(".")]
+    return sorted(found)
+
+
+def _iso(timestamp: float) -> str:
+    from datetime import datetime
+
+    return datetime.fromtimestamp(timestamp).isoformat(timespec="seconds")

@@ -1,0 +1,143 @@
+"""``transferlab cache info|prune``: what the feature cache holds, and trimming it.
+
+The layout is :mod:`transferlab.cache`'s: ``features/<namespace>/<xx>/<digest>.feat`` (one per
+image and backbone identity) and ``exports/*.onnx`` (one graph per backbone). Every entry can be
+recomputed, so pruning only costs time: the least recently used go first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transferlab.cache import FeatureCache
+from transferlab.errors import TransferlabError
+
+__all__ = ["CacheInfo", "cache_info", "parse_age", "parse_size", "prune_cache"]
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+_AGES = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+@dataclass
+class CacheInfo:
+    root: str
+    exists: bool
+    bytes: int = 0
+    files: int = 0
+    namespaces: dict[str, dict[str, int]] = field(default_factory=dict)  # name → bytes, files
+    exports: dict[str, int] = field(default_factory=lambda: {"bytes": 0, "files": 0})
+    oldest_s: float | None = None  # age of the least recently used entry
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _entries(root: Path) -> list[tuple[Path, int, float]]:
+    """(path, size, last use) of every cache file; last use = max(atime, mtime)."""
+    out = []
+    for sub in ("features", "exports"):
+        for dirpath, _, names in os.walk(root / sub):
+            for name in names:
+                p = Path(dirpath) / name
+                try:
+                    st = p.stat()
+                except OSError:
+                    continue
+                out.append((p, st.st_size, max(st.st_atime, st.st_mtime)))
+    return out
+
+
+def cache_info(root: str | os.PathLike | None = None) -> CacheInfo:
+    """Sizes of the cache at ``root`` (default: the one fit uses)."""
+    cache_root = FeatureCache(Path(root) if root else None).root
+    info = CacheInfo(root=str(cache_root), exists=cache_root.is_dir())
+    now = time.time()
+    for path, size, used in _entries(cache_root):
+        info.bytes += size
+        info.files += 1
+        rel = path.relative_to(cache_root).parts
+        if rel[0] == "features" and len(rel) > 2:
+            ns = info.namespaces.setdefault(rel[1], {"bytes": 0, "files": 0})
+        else:
+            ns = info.exports
+        ns["bytes"] += size
+        ns["files"] += 1
+        age = now - used
+        info.oldest_s = age if info.oldest_s is None else max(info.oldest_s, age)
+    return info
+
+
+def prune_cache(
+    root: str | os.PathLike | None = None,
+    *,
+    older_than_s: float | None = None,
+    max_bytes: int | None = None,
+    dry_run: bool = False,
+) -> dict[str, int]:
+    """Delete entries unused for ``older_than_s``, then the least recently used until the cache
+    is within ``max_bytes``. Returns files and bytes removed and bytes kept."""
+    if older_than_s is None and max_bytes is None:
+        raise TransferlabError("cache prune: give --older-than (e.g. 30d) and/or --max-size (5GB)")
+    cache_root = FeatureCache(Path(root) if root else None).root
+    entries = sorted(_entries(cache_root), key=lambda e: e[2])  # least recently used first
+    total = sum(size for _, size, _ in entries)
+    now = time.time()
+    doomed = []
+    for path, size, used in entries:
+        too_old = older_than_s is not None and now - used > older_than_s
+        too_big = max_bytes is not None and total > max_bytes
+        if not (too_old or too_big):
+            continue
+        doomed.append(path)
+        total -= size
+    removed_bytes = 0
+    for path in doomed:
+        try:
+            size = path.stat().st_size
+            if not dry_run:
+                path.unlink()
+            removed_bytes += size
+        except FileNotFoundError:
+            continue  # another process pruned or replaced it
+    if not dry_run:
+        _remove_empty_dirs(cache_root / "features")
+    return {"files": len(doomed), "bytes": removed_bytes, "kept_bytes": total}
+
+
+def _remove_empty_dirs(root: Path) -> None:
+    for dirpath, _, _ in sorted(os.walk(root), key=lambda w: -len(w[0])):
+        if Path(dirpath) != root:
+            with contextlib.suppress(OSError):  # not empty
+                os.rmdir(dirpath)
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500 MiB', '1024' → bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    unit = m.group(2).upper() if m else ""
+    if not m or unit not in _UNITS:
+        raise TransferlabError(f"--max-size {text!r}: give a size like 500MB, 5GB or 2GiB")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def parse_age(text: str) -> float:
+    """'30d', '12h', '2w', '90m', '45s' → seconds."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smhdw])\s*", text)
+    if not m:
+        raise TransferlabError(f"--older-than {text!r}: give an age like 30d, 12h or 2w")
+    return float(m.group(1)) * _AGES[m.group(2)]
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
