@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -125,10 +126,77 @@ def test_class_folders_get_a_recorded_stratified_split(tmp_path):
 
 
 def test_unknown_strategy_and_head_are_user_errors(split_data, tmp_path):
-    with pytest.raises(TransferlabError, match="--strategy"):
+    # Errors raised to Python name Python arguments; the CLI's name its flags.
+    with pytest.raises(TransferlabError, match="^strategy='magic' is unknown"):
         _fit(split_data, tmp_path, strategy="magic")
-    with pytest.raises(TransferlabError, match="--head"):
+    with pytest.raises(TransferlabError, match="^head='forest'"):
         _fit(split_data, tmp_path, head="forest")
+    with pytest.raises(TransferlabError, match="^epochs='ten': give an integer >= 1"):
+        _fit(split_data, tmp_path, epochs="ten", strategy="frozen")
+    with pytest.raises(TransferlabError, match="^val_fraction and test_fraction must be"):
+        _fit(split_data, tmp_path, val_fraction=1.5)
+    with pytest.raises(TransferlabError, match="^--epochs 'ten'"):
+        transferlab.FitConfig(epochs="ten").validate()  # the CLI's spelling, its default
+
+
+def test_unknown_keyword_names_the_closest_options(split_data):
+    with pytest.raises(TransferlabError, match="backbne='x'; did you mean backbone"):
+        transferlab.fit(split_data, backbne="x")
+    with pytest.raises(TransferlabError, match="valid: backbone, pretrained"):
+        transferlab.fit(split_data, zzz=1)
+
+
+def test_fit_has_a_real_signature_and_help():
+    import inspect
+    from dataclasses import fields
+
+    params = inspect.signature(transferlab.fit).parameters
+    for f in fields(transferlab.FitConfig):
+        p = params[f.name]
+        assert p.kind is p.KEYWORD_ONLY and p.default == f.default and p.annotation == f.type
+        assert f.metadata["help"] in transferlab.fit.__doc__
+    assert list(params)[:5] == ["data", "out", "config", "prepared", "verbose"]
+    assert "options" not in params  # no **options left hiding them
+    assert "epochs: int | None = None  Training epochs" in transferlab.fit.__doc__
+
+
+def test_the_package_lists_its_api_and_imports_lazily():
+    import subprocess
+    import sys
+
+    names = dir(transferlab)
+    for name in ("fit", "load", "Classifier", "FitConfig", "explain", "report", "__version__"):
+        assert name in names and name in transferlab.__all__
+    code = "import sys, transferlab; dir(transferlab); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_repr_card_and_figures(split_data, tmp_path):
+    from matplotlib.figure import Figure
+
+    clf = _fit(split_data, tmp_path, out=tmp_path / "run")
+    text = repr(clf)
+    assert text.startswith("Classifier(backbone=mobilenetv2_035") and "classes=[blue, red]" in text
+    acc = clf.metrics["test"]["accuracy"]
+    lo, hi = clf.metrics["test"]["accuracy_ci95"]
+    assert f"test accuracy={acc:.3f} (95% CI {lo:.3f}–{hi:.3f}), n=12" in text
+    card = clf._repr_html_()
+    assert "<table>" in card and "features + linear head" in card and str(tmp_path / "run") in card
+    with pytest.raises(TransferlabError, match="report.html does not exist"):
+        clf.report()
+    for fig in (clf.plot_curves(), clf.plot_confusion(), clf.plot_reliability()):
+        assert isinstance(fig, Figure)
+        assert fig._repr_png_()[:8] == b"\x89PNG\r\n\x1a\n"  # shows inline in a notebook
+
+
+def test_verbose_prints_a_line_per_phase_without_a_terminal(split_data, tmp_path, capsys):
+    _fit(split_data, tmp_path, verbose=True)
+    err = capsys.readouterr().err
+    assert re.search(r"checking images: 48/48 in \d+\.\d s", err), err
+    assert re.search(r"features \[train\]: 24/24 in", err), err
+    _fit(split_data, tmp_path, verbose=False)
+    assert capsys.readouterr().err == ""
 
 
 def test_load_rejects_a_truncated_weights_file(split_data, tmp_path):

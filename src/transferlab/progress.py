@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from html import escape
 
 from rich.console import Console
 from rich.progress import (
@@ -25,16 +27,58 @@ def say(line: str) -> None:
     out_console.print(line, soft_wrap=True, highlight=False)
 
 
+_VERBOSE: list[bool | None] = [None]  # set by ``verbosity``; None: the environment decides
+
+
 def quiet() -> bool:
+    if _VERBOSE[-1] is not None:
+        return not _VERBOSE[-1]
     return os.environ.get("TRANSFERLAB_QUIET", "") not in ("", "0")
 
 
 @contextmanager
+def verbosity(verbose: bool | None) -> Iterator[None]:
+    """Within the block, progress and info are on (True), off (False), or as TRANSFERLAB_QUIET
+    says (None): the API's ``verbose=``."""
+    _VERBOSE.append(verbose if verbose is not None else _VERBOSE[-1])
+    try:
+        yield
+    finally:
+        _VERBOSE.pop()
+
+
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel (where rich's console is no terminal)."""
+    return console.is_jupyter
+
+
+@contextmanager
 def progress(total: int, description: str) -> Iterator[Callable[[int], None]]:
-    """Yield ``advance(n)``; draws a bar on a terminal, nothing when quiet or piped."""
-    if quiet() or total <= 0 or not console.is_terminal:
+    """Yield ``advance(n)``. A live bar on a terminal or in a notebook; elsewhere (piped, a
+    script with no display) one line per phase when it ends; nothing when quiet."""
+    if quiet() or total <= 0:
         yield lambda n: None
-        return
+    elif console.is_terminal:
+        with _terminal_bar(total, description) as advance:
+            yield advance
+    elif in_notebook():
+        with _notebook_bar(total, description) as advance:
+            yield advance
+    else:
+        done = [0]
+        t0 = time.perf_counter()
+        yield lambda n: done.__setitem__(0, done[0] + n)
+        console.print(phase_line(description, done[0], total, time.perf_counter() - t0),
+                      markup=False, highlight=False, soft_wrap=True)  # fmt: skip
+
+
+def phase_line(description: str, done: int, total: int, seconds: float) -> str:
+    """The line a finished phase leaves: ``checking images: 120/120 in 1.4 s``."""
+    return f"{description}: {done}/{total} in {seconds:.1f} s"
+
+
+@contextmanager
+def _terminal_bar(total: int, description: str) -> Iterator[Callable[[int], None]]:
     bar = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -47,6 +91,41 @@ def progress(total: int, description: str) -> Iterator[Callable[[int], None]]:
     with bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)
+
+
+@contextmanager
+def _notebook_bar(total: int, description: str) -> Iterator[Callable[[int], None]]:
+    """A bar drawn as HTML and updated in place (IPython display ids: no ipywidgets needed);
+    redrawn at most 5 times a second, and left as the phase's one-line summary."""
+    from IPython.display import display
+
+    t0 = time.perf_counter()
+    state = {"done": 0, "drawn": 0.0}
+
+    def bundle(final: bool = False) -> dict[str, str]:
+        done, elapsed = state["done"], time.perf_counter() - t0
+        line = phase_line(description, done, total, elapsed)
+        if final:
+            return {"text/plain": line, "text/html": f"<code>{escape(line)}</code>"}
+        bar = f"<progress value='{done}' max='{total}' style='width:40%'></progress>"
+        return {
+            "text/plain": f"{description}: {done}/{total}",
+            "text/html": f"<code>{escape(description)}</code> {bar} "
+            f"<code>{done}/{total} {elapsed:.1f} s</code>",
+        }
+
+    handle = display(bundle(), raw=True, display_id=True)
+
+    def advance(n: int) -> None:
+        state["done"] += n
+        now = time.perf_counter()
+        if now - state["drawn"] >= 0.2 and handle is not None:
+            state["drawn"] = now
+            handle.update(bundle(), raw=True)
+
+    yield advance
+    if handle is not None:
+        handle.update(bundle(final=True), raw=True)
 
 
 def info(message: str) -> None:

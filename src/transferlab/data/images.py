@@ -30,6 +30,7 @@ __all__ = [
     "file_digest",
     "load_image",
     "open_rgb",
+    "png_bytes",
 ]
 
 #: Bump whenever open_rgb/load_image change the pixels a model sees (resampling, EXIF, colour
@@ -137,6 +138,14 @@ def load_image(
     else:
         out = _resize_window(img, (resized_w, resized_h), (left, top, crop_w, crop_h), resample)
     return np.ascontiguousarray(np.asarray(out).transpose(2, 0, 1))
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    """A decoded picture as lossless PNG bytes (every mode, alpha too), so that it is read
+    again by :func:`load_image` exactly as a file would be: one path for every input."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=1)  # level 1: the cheapest that compresses
+    return buf.getvalue()
 
 
 def file_digest(path: str | os.PathLike[str]) -> str:

@@ -23,6 +23,7 @@ from transferlab.errors import TransferlabError
 from transferlab.evaluation.metrics import expected_calibration_error, reliability_curve
 
 __all__ = [
+    "InlineFigure",
     "figure_bytes",
     "new_figure",
     "plot_class_counts",
@@ -40,9 +41,17 @@ _NO_METADATA = {"Software": None}
 _TRAIN, _VAL, _AFTER = "#1f77b4", "#ff7f0e", "#2ca02c"
 
 
+class InlineFigure(Figure):
+    """A Figure that a notebook shows inline by itself: with no pyplot, IPython's matplotlib
+    formatter may never be registered, so the figure renders its own PNG."""
+
+    def _repr_png_(self) -> bytes:
+        return figure_bytes(self)
+
+
 def new_figure(figsize: tuple[float, float], dpi: int = DPI) -> Figure:
-    """A Figure with its own Agg canvas (no pyplot state)."""
-    fig = Figure(figsize=figsize, dpi=dpi)
+    """A Figure with its own Agg canvas (no pyplot state), shown inline in a notebook."""
+    fig = InlineFigure(figsize=figsize, dpi=dpi)
     FigureCanvasAgg(fig)
     return fig
 

@@ -15,7 +15,8 @@ The server uses the same engine through :meth:`PredictionEngine.decode` /
 as files on disk), and ``predict_images`` is the in-memory entry point for Python callers.
 
     sources   files, folders, globs → paths      engine   PredictionEngine, its results
-    output    csv / jsonl / json files, resume
+    output    csv / jsonl / json files, resume     inputs   what Classifier.predict accepts
+    results   ImagePrediction / Predictions (typed results, to_pandas)
 """
 
 from __future__ import annotations

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import time
 from collections.abc import Callable, Container, Iterator, Sequence
@@ -14,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from transferlab.data import loader
-from transferlab.data.images import load_image
+from transferlab.data.images import load_image, png_bytes
 from transferlab.errors import ImageError, TransferlabError
 from transferlab.predict.output import (
     already_done,
@@ -157,10 +156,7 @@ class PredictionEngine:
                 raise ImageError("<array>", f"cannot read an image of shape {item.shape}")
             item = Image.fromarray(np.ascontiguousarray(item))
         if isinstance(item, Image.Image):
-            buf = io.BytesIO()
-            # PNG keeps every mode losslessly (alpha included); level 1 is the cheapest useful.
-            item.save(buf, format="PNG", compress_level=1)
-            return load_image(buf.getvalue(), pre, max_pixels=self.max_pixels)
+            return load_image(png_bytes(item), pre, max_pixels=self.max_pixels)
         raise ImageError("<input>", f"cannot read a {type(item).__name__} as an image")
 
     def predict_images(self, images: Sequence[ImageLike]) -> np.ndarray:

@@ -76,7 +76,11 @@ def open_output(path: Path | None, stream: IO[str] | None, *, append: bool) -> I
         fh.flush()
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a" if append else "w", newline="", encoding="utf-8") as out:
+    # surrogateescape: a file name that is not valid UTF-8 is written back byte for byte, so
+    # --resume recognises it
+    with path.open(
+        "a" if append else "w", newline="", encoding="utf-8", errors="surrogateescape"
+    ) as out:
         yield out
         out.flush()
         os.fsync(out.fileno())
@@ -148,7 +152,7 @@ def read_done(
     """
     path = Path(path)
     _truncate_torn_tail(path)
-    with path.open(newline="", encoding="utf-8") as fh:
+    with path.open(newline="", encoding="utf-8", errors="surrogateescape") as fh:
         if fmt == "csv":
             return _csv_done(path, fh, header)
         return _jsonl_done(path, fh)
