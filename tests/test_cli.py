@@ -73,6 +73,15 @@ def test_fit_evaluate_predict_round_trip(tmp_path):
     assert abs(float(rows[0]["prob1"]) + float(rows[0]["prob2"]) - 1) < 1e-4
     assert "broken.jpg" in r.stderr and "1 unreadable" in r.stderr
 
+    # a folder without split folders that is not the run's own data: every image is scored
+    r = tl("evaluate", run, data / "test", "--json", tmp_path / "all.json")
+    assert r.returncode == 0, r.stderr
+    assert "scoring all 8 usable images" in r.stderr and "ECE" in r.stdout
+    assert json.loads((tmp_path / "all.json").read_text())["n"] == 8
+    # inputs that match nothing are an error, not an empty success
+    r = tl("predict", run, str(tmp_path / "nothing*.jpg"))
+    assert r.returncode == 2 and "matched no file" in r.stderr
+
 
 def test_command_options_are_config_fields() -> None:
     """fit/ladder/lr-find build FitConfig from their options by name: a renamed option must fail

@@ -28,11 +28,15 @@ LAYERS: list[tuple[str, ...]] = [
     # the run folder, prediction, metrics and plots
     (
         "runs",
+        "run_schema",
+        "provenance",
+        "tracking",
         "predict",
         "evaluation",
         "evaluation.metrics",
         "evaluation.plots",
         "evaluation.scoring",
+        "evaluation.explain",  # below the API: Classifier.explain draws with it
     ),
     # the Python API
     ("api",),
@@ -40,12 +44,13 @@ LAYERS: list[tuple[str, ...]] = [
     (
         "evaluation.analysis",
         "evaluation.compare",
-        "evaluation.explain",
         "evaluation.report",
         "export",
         "serve",
         "ladder",
         "lr_find",
+        "doctor",
+        "cache_admin",
     ),  # fmt: skip
     # the command line
     ("cli", "cli_see", "cli_ship", "cli_runs", "__main__"),

@@ -20,23 +20,30 @@ import torch
 
 from transferlab.backbones import Backbone, create_backbone
 from transferlab.cache import FeatureCache
-from transferlab.config import FitConfig
+from transferlab.config import FitConfig, config_from, with_options
 from transferlab.data.prepared import PreparedData, Split, prepare_data
 from transferlab.errors import TransferlabError
+from transferlab.evaluation.card import ClassifierViews
 from transferlab.evaluation.metrics import classification_report
 from transferlab.evaluation.scoring import (
-    classifier_split,
     evaluate_split,
+    evaluation_data,
     head_logits,
     prepare_run_data,
 )
 from transferlab.extract import FeatureExtractor
 from transferlab.model import softmax
-from transferlab.progress import progress
+from transferlab.progress import progress, verbosity, warn
 from transferlab.runs import DATA_FILE, HISTORY_FILE, METRICS_FILE, SavedModel
 from transferlab.storage import read_json, write_json
-from transferlab.strategies import STRATEGIES, StrategyContext, StrategyResult
+from transferlab.strategies import (
+    STRATEGIES,
+    StrategyContext,
+    StrategyResult,
+    ignored_options,
+)
 from transferlab.system import is_rank_zero
+from transferlab.tracking import finish_fit
 
 
 def seed_everything(seed: int) -> None:
@@ -84,16 +91,33 @@ def fit(
     out: str | os.PathLike | None = None,
     config: FitConfig | None = None,
     prepared: PreparedData | None = None,
+    verbose: bool | None = None,
     **options: Any,
 ) -> Classifier:
     """Train a classifier on a folder of images and evaluate it on val/test.
 
-    ``options`` are ``FitConfig`` fields, e.g. ``fit("data/", backbone="resnet50.a1_in1k",
-    strategy="features", head="linear")``. With ``out``, the run folder (model, metrics,
-    data summary, history) is written there.
+    ``options`` are ``FitConfig`` fields (listed below), e.g. ``fit("data/",
+    backbone="resnet50.a1_in1k", strategy="features", head="linear")``. With ``out``, the run
+    folder (model, metrics, data summary, history) is written there. ``verbose``: progress
+    (live bars in a notebook or terminal, a line per phase otherwise); None: unless
+    TRANSFERLAB_QUIET is set.
     """
-    config = FitConfig(**options) if config is None else config
-    config.validate()
+    if config is None:
+        config = config_from(options).validate(cli=False)  # messages name Python arguments
+    with verbosity(verbose):
+        return _fit(data, out, config, prepared)
+
+
+fit = with_options(fit)
+
+
+def _fit(
+    data: str | os.PathLike, out: Any, config: FitConfig, prepared: PreparedData | None
+) -> Classifier:
+    config.validate()  # a given config (the CLI's): its messages name the CLI's flags
+    ignored = ignored_options(config)
+    if ignored:
+        warn(f"{', '.join(ignored)}: ignored by strategy {config.strategy!r} (no effect)")
     seed_everything(config.seed)
     t_start = time.perf_counter()
     prepared = prepared or prepare_data(data, config)  # discover + scan: every file read once
@@ -121,6 +145,7 @@ def fit(
     clf.data_summary = prepared.summary()
     if out_path is not None and is_rank_zero():
         clf.save(out_path)
+    finish_fit(clf, prepared, out_path)  # input manifest into provenance.json; --track mlflow
     return clf
 
 
@@ -146,14 +171,16 @@ def _fit_metrics(
     return metrics
 
 
-class Classifier:
-    """A trained model: predict, evaluate, save. Build with ``fit`` or ``load``."""
+class Classifier(ClassifierViews):
+    """A trained model: predict, evaluate, save; its figures, card and report come from
+    :class:`~transferlab.evaluation.card.ClassifierViews`. Build with ``fit`` or ``load``."""
 
     def __init__(self, saved: SavedModel) -> None:
         self.saved = saved
         self.metrics: dict[str, Any] = {}
         self.history: list[dict] = []
         self.data_summary: dict[str, Any] = {}
+        self.run_dir: Path | None = None  # the run folder it was saved to or loaded from
         self._extractor = None
 
     @property
@@ -219,91 +246,88 @@ class Classifier:
             prepared = prepare_run_data(data, cfg, self.classes)
         return evaluate_split(self, prepared, split, tta=tta, calibrate=calibrate)
 
-    # --- figures (delegate to transferlab.evaluation.plots; each returns a matplotlib Figure
-    # and writes a PNG when ``out`` is given) ---
-
-    def plot_curves(self, out: str | os.PathLike | None = None):
-        """Learning curves, accuracy | loss, train vs val (per epoch, or per L2 of a linear
-        head)."""
-        from transferlab.evaluation.plots import plot_learning_curves
-
-        return plot_learning_curves(self.history, out=out)
-
-    def plot_confusion(self, split: str = "test", out: str | os.PathLike | None = None):
-        """Confusion matrix of a split evaluated at fit time: counts | row-normalised."""
-        from transferlab.evaluation.plots import plot_confusion
-
-        if split not in self.metrics:
-            raise TransferlabError(f"no '{split}' results; have: {', '.join(self.metrics)}")
-        cm = self.metrics[split]["confusion_matrix"]
-        return plot_confusion(cm, self.classes, title=f"{split} confusion matrix", out=out)
-
-    def plot_reliability(
-        self,
-        split: str = "test",
-        *,
-        data: str | os.PathLike | None = None,
-        out: str | os.PathLike | None = None,
-    ):
-        """Reliability diagram + ECE of a split (of the fitted data, or of ``data``)."""
-        from transferlab.evaluation.plots import plot_reliability
-
-        s = classifier_split(self, split, data)
-        probs = self.predict_proba_split(s)
-        return plot_reliability(probs, s.labels, title=f"reliability ({split})", out=out)
-
     def iter_predict(
         self, sources: Sequence[str | os.PathLike] | str, *, batch_size: int = 32
     ) -> Iterator[tuple[str, np.ndarray | None, str | None]]:
-        """Stream (path, probabilities or None, error or None) over files, folders and globs,
-        in constant memory; unreadable files yield an error instead of stopping the run."""
-        # One prediction engine for the API, the CLI and the server (transferlab.predict).
+        """Stream (source, probabilities or None, error or None) over anything ``predict``
+        takes, in constant memory for folders and globs; unreadable inputs yield an error."""
         from transferlab.predict import PredictionEngine
+        from transferlab.predict.inputs import predict_any
 
-        for p in PredictionEngine(self, batch_size=batch_size).iter_predict(sources):
+        for p in predict_any(PredictionEngine(self, batch_size=batch_size), sources):
             yield p.path, p.probs, p.error
 
-    def predict(
-        self, sources: Sequence[str | os.PathLike] | str, *, top_k: int = 1
-    ) -> list[dict[str, Any]]:
-        """Top-k labels with probabilities for each image; errors are reported per file."""
-        out = []
-        k = max(1, min(top_k, len(self.classes)))
-        for path, probs, err in self.iter_predict(sources):
+    def predict(self, x: Any, *, top_k: int = 1, as_frame: bool = False, batch_size: int = 32):
+        """Predict a path, folder, glob, PIL image, NumPy array (H, W[, C]) uint8 or float in
+        [0, 1], torch tensor (C, H, W) / (N, C, H, W), raw bytes, or a list mixing them.
+
+        One picture gives one :class:`~transferlab.predict.results.ImagePrediction` (label,
+        probability, top_k, probs); a folder, glob, batch or list gives a list of them, in
+        order. Unreadable inputs get ``error`` instead of a label. ``as_frame=True``: a pandas
+        DataFrame, one row per input. Every input is decoded and preprocessed as files are.
+        """
+        from transferlab.predict.inputs import is_single
+        from transferlab.predict.results import Predictions, make_result, to_frame
+
+        preds = Predictions(
+            make_result(src, probs, err, self.classes, top_k)
+            for src, probs, err in self.iter_predict(x, batch_size=batch_size)
+        )
+        if as_frame:
+            return to_frame(preds)
+        return preds[0] if is_single(x) and len(preds) == 1 else preds
+
+    def predict_proba(self, x: Any, *, batch_size: int = 32) -> np.ndarray:
+        """Probabilities (n, C) in ``classes`` order, one row per picture in ``x`` (anything
+        ``predict`` takes); an unreadable input raises, as scikit-learn would."""
+        rows = []
+        for src, probs, err in self.iter_predict(x, batch_size=batch_size):
             if probs is None:
-                out.append({"path": path, "error": err})
-                continue
-            order = np.argsort(-probs, kind="stable")[:k]
-            out.append(
-                {
-                    "path": path,
-                    "label": self.classes[order[0]],
-                    "top_k": [(self.classes[i], float(probs[i])) for i in order],
-                }
-            )
-        return out
+                raise TransferlabError(f"{src}: {err}")
+            rows.append(probs)
+        return np.stack(rows) if rows else np.zeros((0, len(self.classes)), np.float32)
 
     def save(self, out: str | os.PathLike) -> Path:
+        """Write the run folder: model, records, provenance.json, and files.json last."""
+        from transferlab.provenance import seal_run, write_provenance
+
         out = Path(out)
-        self.saved.save(out)
+        self.saved.save(out, seal=False)
         if self.metrics:
             write_json(out / METRICS_FILE, self.metrics)
         if self.data_summary:
             write_json(out / DATA_FILE, self.data_summary)
         if self.history:
             write_json(out / HISTORY_FILE, self.history)
+        write_provenance(out, getattr(self, "inputs", None), self.metrics)
+        seal_run(out)
+        self.run_dir = out
         return out
 
 
 def load(path: str | os.PathLike) -> Classifier:
-    """Load a saved run folder (safetensors + JSON only; nothing is unpickled or executed)."""
+    """Load a saved run folder (safetensors + JSON only; nothing is unpickled or executed).
+
+    Weights or model.json that differ from the digests recorded at save, or a save that did not
+    finish, are an error; an edited or unreadable record (metrics/data/history.json) is a
+    warning naming it (predict needs only the model and its weights).
+    """
+    from transferlab.provenance import recorded_inputs, require_intact
+
     clf = Classifier(SavedModel.load(path))
+    require_intact(path, warn)
+    clf.run_dir = Path(path)
+    clf.inputs = recorded_inputs(path)  # a later save elsewhere keeps the provenance
     for name, attr in (
         (METRICS_FILE, "metrics"),
         (HISTORY_FILE, "history"),
         (DATA_FILE, "data_summary"),
     ):
-        value = read_json(Path(path) / name)
+        try:
+            value = read_json(Path(path) / name)
+        except TransferlabError as e:
+            warn(f"{e}; loaded without it (re-run `transferlab evaluate` to rebuild it)")
+            continue
         if value is not None:
             setattr(clf, attr, value)
     return clf
@@ -334,8 +358,14 @@ def evaluate_run(
     become part of its record: they are merged into its ``metrics.json`` (and so its report).
     """
     clf = load(run)
-    # scanned once, as fit scans: unusable files are skipped here and in a report alike
-    prepared = prepare_run_data(data, clf.saved.config, clf.classes)
+    # scanned once, as fit scans: unusable files are skipped here and in a report alike. An
+    # unsplit folder that is not the run's own is scored whole (evaluation_data); calibrating
+    # keeps the splits, since the temperature is fitted on val.
+    if calibrate:
+        prepared = prepare_run_data(data, clf.saved.config, clf.classes)
+    else:
+        own = _same_data(run, data)
+        prepared, split = evaluation_data(data, clf.saved.config, clf.classes, split, own_data=own)
     report = clf.evaluate(data, split=split, tta=tta, calibrate=calibrate, prepared=prepared)
     record = {k: {**report[k], "data": str(data)} for k in ("calibration", "tta") if k in report}
     if calibrate:
@@ -343,6 +373,10 @@ def evaluate_run(
     if record and _same_data(run, data):
         metrics = read_json(Path(run) / METRICS_FILE, {})
         write_json(Path(run) / METRICS_FILE, {**metrics, **record})
+    if calibrate or record:
+        from transferlab.provenance import seal_run
+
+        seal_run(run)  # the run's own changes: its file digests follow them
     return RunEvaluation(classifier=clf, prepared=prepared, report=report)
 
 

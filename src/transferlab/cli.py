@@ -182,6 +182,10 @@ def fit(
     from transferlab.evaluation.report import write_report
 
     write_report(out, classifier=clf)
+    if cfg.track:
+        from transferlab.tracking import attach_report
+
+        attach_report(out)  # the report is written after fit logged the run
     _print_counts(clf.data_summary["counts"], f"{data}")
     _print_metrics(clf.metrics, clf.classes)
     t = clf.metrics["timings"]
@@ -244,7 +248,7 @@ def backbones(
 
 
 @app.command()
-@config_options("backbone", "seed", "cache_dir", "workers", "accelerator", "precision")
+@config_options("backbone", "seed", "cache_dir", "workers", "accelerator", "precision", "track")
 def ladder(
     data: Path = typer.Argument(..., help="Images (any layout `fit` accepts)."),
     out: Path = typer.Option(
@@ -350,8 +354,10 @@ def convolve(
     out_console.print(str(convolve_file(image, kernel, out)))
 
 
+from transferlab.cli_runs import register as _register_runs  # noqa: E402
 from transferlab.cli_see import register as _register_see  # noqa: E402
 from transferlab.cli_ship import register as _register_ship  # noqa: E402
 
 _register_see(app)
 _register_ship(app)
+_register_runs(app)

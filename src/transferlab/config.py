@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -30,6 +32,7 @@ PRECISIONS: tuple[str, ...] = (
 MIN_IMAGE_SIZE = 16
 # test-time augmentation: "flip" = image + mirror (2 views), "flip5crop" = 5 crops x mirror (10)
 TTA_MODES: tuple[str, ...] = ("none", "flip", "flip5crop")
+TRACKERS: tuple[str, ...] = ("mlflow",)
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -83,22 +86,29 @@ class FitConfig:
     precision: str = _opt("32-true", "32-true | bf16-mixed | 16-mixed")
     deterministic: bool = _opt(True, "Reproducible kernels and data order.")
     resume: bool = _opt(False, "Continue from OUT/checkpoints/last.ckpt.")
+    track: str | None = _opt(None, "Log the run to an experiment tracker: mlflow.")
 
-    def validate(self) -> FitConfig:
+    def validate(self, *, cli: bool = True) -> FitConfig:
         """Check every option up front; a bad one is a TransferlabError naming it and what it
-        takes. Normalizes ``class_weight="none"`` to None. Returns ``self``."""
+        takes: as the CLI's flag (``--epochs 'ten'``), or with ``cli=False`` as the Python
+        argument (``epochs='ten'``). Normalizes ``class_weight="none"`` to None. Returns
+        ``self``."""
+        _STYLE.append(cli)
+        try:
+            return self._validate()
+        finally:
+            _STYLE.pop()
+
+    def _validate(self) -> FitConfig:
         _choice("strategy", self.strategy, STRATEGY_NAMES)
         _choice("head", self.head, HEAD_NAMES)
         if self.class_weight not in (None, "auto", "none"):
             raise TransferlabError(
-                f"--class-weight {self.class_weight!r} is unknown; choose 'auto' or 'none'"
+                f"{_said('class-weight', self.class_weight)} is unknown; choose 'auto' or 'none'"
             )
         if self.class_weight == "none":
             self.class_weight = None
-        if not 0 <= self.val_fraction < 1 or not 0 <= self.test_fraction < 1:
-            raise TransferlabError("--val-fraction and --test-fraction must be in [0, 1)")
-        if self.val_fraction + self.test_fraction >= 1:
-            raise TransferlabError("--val-fraction + --test-fraction must leave images to train on")
+        _check_fractions(self.val_fraction, self.test_fraction)
         _integer("batch-size", self.batch_size, 1)
         _integer("seed", self.seed, 0)
         _integer("max-pixels", self.max_pixels, 1)
@@ -109,33 +119,40 @@ class FitConfig:
             _integer("epochs", self.epochs, 1, "or unset (the strategy's default)")
         if self.lr is not None and not _finite(self.lr, above=0):
             raise TransferlabError(
-                f"--lr {self.lr!r}: give a learning rate > 0, or leave it unset (the strategy's "
-                "default)"
+                f"{_said('lr', self.lr)}: give a learning rate > 0, or leave it unset (the "
+                "strategy's default)"
             )
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("schedule", self.schedule, SCHEDULES)
         if not _finite(self.warmup_epochs, at_least=0):
-            raise TransferlabError(f"--warmup-epochs {self.warmup_epochs!r} must be >= 0")
+            raise TransferlabError(f"{_said('warmup-epochs', self.warmup_epochs)} must be >= 0")
         if not _finite(self.weight_decay, at_least=0):
-            raise TransferlabError(f"--weight-decay {self.weight_decay!r} must be >= 0")
+            raise TransferlabError(f"{_said('weight-decay', self.weight_decay)} must be >= 0")
         if not (_finite(self.label_smoothing, at_least=0) and self.label_smoothing < 1):
-            raise TransferlabError(f"--label-smoothing {self.label_smoothing!r} must be in [0, 1)")
+            raise TransferlabError(
+                f"{_said('label-smoothing', self.label_smoothing)} must be in [0, 1)"
+            )
         if self.patience is not None:
             _integer("patience", self.patience, 1, "or unset (no early stopping)")
         if self.max_time is not None and not _finite(self.max_time, at_least=0):
             raise TransferlabError(
-                f"--max-time {self.max_time!r}: give seconds >= 0, or leave it unset (no budget)"
+                f"{_said('max-time', self.max_time)}: give seconds >= 0, or leave it unset "
+                "(no budget)"
             )
         if self.augment is not None:
             _choice("augment", self.augment, AUGMENT_PRESETS, "or unset (the strategy's default)")
         _check_unfreeze(self.unfreeze)
         if not _finite(self.lr_mult, above=0):
-            raise TransferlabError(f"--lr-mult {self.lr_mult!r} must be > 0 (body LR = lr x it)")
+            raise TransferlabError(
+                f"{_said('lr-mult', self.lr_mult)} must be > 0 (body LR: lr x it)"
+            )
         _choice("bn", self.bn, BN_POLICIES)
         if self.image_size is not None:
             _integer("image-size", self.image_size, MIN_IMAGE_SIZE, "or unset (the default)")
         _check_devices(self.devices)
         _choice("precision", self.precision, PRECISIONS)
+        if self.track is not None:
+            _choice("track", self.track, TRACKERS, "or unset (no tracking)")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -147,18 +164,35 @@ class FitConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+# Whether validate's messages name CLI flags (True) or Python arguments; set by validate.
+_STYLE: list[bool] = [True]
+
+
+def _said(option: str, value: Any) -> str:
+    """``--max-time -5.0`` for the CLI, ``max_time=-5.0`` for Python (``option``: flag form)."""
+    if _STYLE[-1]:
+        return f"--{option} {value!r}"
+    return f"{option.replace('-', '_')}={value!r}"
+
+
+def _flags(a: str, b: str, joiner: str) -> str:
+    if _STYLE[-1]:
+        return f"--{a}{joiner}--{b}"
+    return f"{a.replace('-', '_')}{joiner}{b.replace('-', '_')}"
+
+
 def _choice(option: str, value: Any, valid: Any, extra: str = "") -> None:
     if value not in valid:
         tail = f" {extra}" if extra else ""
         raise TransferlabError(
-            f"--{option} {value!r} is unknown; choose one of {', '.join(valid)}{tail}"
+            f"{_said(option, value)} is unknown; choose one of {', '.join(valid)}{tail}"
         )
 
 
 def _integer(option: str, value: Any, least: int, extra: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
         tail = f" {extra}" if extra else ""
-        raise TransferlabError(f"--{option} {value!r}: give an integer >= {least}{tail}")
+        raise TransferlabError(f"{_said(option, value)}: give an integer >= {least}{tail}")
 
 
 def _finite(value: Any, *, above: float | None = None, at_least: float | None = None) -> bool:
@@ -167,6 +201,17 @@ def _finite(value: Any, *, above: float | None = None, at_least: float | None = 
     if above is not None and not value > above:
         return False
     return at_least is None or value >= at_least
+
+
+def _check_fractions(val: Any, test: Any) -> None:
+    if not 0 <= val < 1 or not 0 <= test < 1:
+        raise TransferlabError(
+            f"{_flags('val-fraction', 'test-fraction', ' and ')} must be in [0, 1)"
+        )
+    if val + test >= 1:
+        raise TransferlabError(
+            f"{_flags('val-fraction', 'test-fraction', ' + ')} must leave images to train on"
+        )
 
 
 def _check_unfreeze(value: Any) -> None:
@@ -178,7 +223,9 @@ def _check_unfreeze(value: Any) -> None:
     except ValueError:
         ok = False
     if not ok:
-        raise TransferlabError(f"--unfreeze {value!r}: give a number of top stages >= 1, or 'all'")
+        raise TransferlabError(
+            f"{_said('unfreeze', value)}: give a number of top stages >= 1, or 'all'"
+        )
 
 
 def _check_devices(value: Any) -> None:
@@ -196,6 +243,32 @@ def _check_devices(value: Any) -> None:
         ok = False
     if not ok:
         raise TransferlabError(
-            f"--devices {value!r}: give a count >= 1, 'auto' or -1 (every device), or device "
+            f"{_said('devices', value)}: give a count >= 1, 'auto' or -1 (every device), or device "
             "indices such as '0,1'"
         )
+
+
+def config_from(options: dict[str, Any]) -> FitConfig:
+    """``FitConfig(**options)``; an unknown name is an error naming the closest valid ones."""
+    known = [f.name for f in fields(FitConfig)]
+    for name in options:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(close)}?" if close else f"valid: {', '.join(known)}"
+            raise TransferlabError(f"fit() got an unknown option {name}={options[name]!r}; {hint}")
+    return FitConfig(**options)
+
+
+def with_options(func: Any) -> Any:
+    """Give ``func`` (``fit``) a real signature and help: FitConfig's fields as keyword-only
+    parameters, typed and defaulted, each documented with the field's help text."""
+    sig = inspect.signature(func)
+    params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    lines = ["", "    Options:"]
+    for f in fields(FitConfig):
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                                        annotation=f.type))  # fmt: skip
+        lines.append(f"        {f.name}: {f.type} = {f.default!r}  {f.metadata.get('help', '')}")
+    func.__signature__ = sig.replace(parameters=params)
+    func.__doc__ = (func.__doc__ or "") + "\n".join(lines) + "\n"
+    return func
