@@ -156,3 +156,20 @@ def test_readme_fit_works_from_any_directory(cache_dir, tmp_path):
     assert "test accuracy 0.97" in done.stdout
     spec = json.loads((elsewhere / "run" / "model.json").read_text())["body"]["spec"]
     assert spec == MOBILENETV2  # stored resolved: the run loads from anywhere too
+
+
+def test_evaluate_scores_every_image_of_a_folder_without_splits(cache_dir, tmp_path):
+    """cats_vs_dogs_extra has class folders only: evaluating another run on it scores all 700
+    images, not a carved 20% "test" split."""
+    from transferlab.api import evaluate_run
+
+    run = tmp_path / "run"
+    transferlab.fit(
+        SHARED / "datasets" / "cats_vs_dogs_small",
+        backbone=MOBILENETV2,
+        cache_dir=cache_dir,
+        out=run,
+    )
+    res = evaluate_run(run, SHARED / "datasets" / "cats_vs_dogs_extra")
+    assert res.split == "all" and res.report["n"] == 700
+    assert res.report["accuracy"] > 0.95

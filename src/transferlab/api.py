@@ -341,6 +341,7 @@ class RunEvaluation:
     classifier: Classifier
     prepared: PreparedData
     report: dict[str, Any]
+    split: str  # what was scored: "all" when a whole folder was
 
 
 def evaluate_run(
@@ -377,7 +378,7 @@ def evaluate_run(
         from transferlab.provenance import seal_run
 
         seal_run(run)  # the run's own changes: its file digests follow them
-    return RunEvaluation(classifier=clf, prepared=prepared, report=report)
+    return RunEvaluation(classifier=clf, prepared=prepared, report=report, split=split)
 
 
 def _same_data(run: str | os.PathLike, data: str | os.PathLike) -> bool:

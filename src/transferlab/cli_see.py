@@ -44,7 +44,7 @@ def evaluate(
     if tta not in TTA_MODES:
         raise TransferlabError(f"--tta takes one of {', '.join(TTA_MODES)}; got {tta!r}")
     res = evaluate_run(run, data, split=split, tta=tta, calibrate=calibrate)
-    report, classes = res.report, res.classifier.classes
+    report, classes, split = res.report, res.classifier.classes, res.split
     _say_extras(report, split, run)
     if report_dir is not None:
         from transferlab.evaluation.report import build_report
