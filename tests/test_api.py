@@ -206,3 +206,17 @@ def test_load_rejects_a_truncated_weights_file(split_data, tmp_path):
     body.write_bytes(body.read_bytes()[:1000])
     with pytest.raises(TransferlabError, match="corrupt or truncated"):
         transferlab.load(out)
+
+
+def test_the_data_summary_comes_first_and_names_carved_splits(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    for cls, colour in COLOURS.items():  # class folders only: val and test are carved
+        for i in range(10):
+            _photo(tmp_path / "flat" / cls / f"{i}.jpg", colour, rng)
+    from transferlab.config import FitConfig
+    from transferlab.data.prepared import prepare_data
+
+    prepare_data(tmp_path / "flat", FitConfig(workers=0))
+    err = capsys.readouterr().err
+    assert "found 20 images in 2 classes (blue, red)" in err
+    assert "train 12, val 4, test 4; carved from all (val 20%, test 20%, seed 42)" in err

@@ -128,10 +128,11 @@ def _notebook_bar(total: int, description: str) -> Iterator[Callable[[int], None
         handle.update(bundle(final=True), raw=True)
 
 
+# soft_wrap: a line is never broken at the console's width, so paths stay whole in a log
 def info(message: str) -> None:
     if not quiet():
-        console.print(message, highlight=False)
+        console.print(message, highlight=False, soft_wrap=True)
 
 
 def warn(message: str) -> None:
-    console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+    console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)

@@ -17,7 +17,7 @@ from transferlab.config import FitConfig
 from transferlab.data.discover import DatasetIndex, discover, find_cross_split_duplicates
 from transferlab.data.scan import scan_files
 from transferlab.errors import TransferlabError
-from transferlab.progress import progress, warn
+from transferlab.progress import info, progress, warn
 from transferlab.storage import printable_path
 
 __all__ = ["PreparedData", "Split", "prepare_data"]
@@ -105,7 +105,27 @@ def prepare_data(data: str | os.PathLike, config: FitConfig) -> PreparedData:
                 digests=[scan.digests[i] for i, _ in rows],
             )
     _check_trainable(data, index, splits)
+    info(_summary_line(data, index, splits, len(skipped)))
     return PreparedData(index=index, splits=splits, skipped=skipped, duplicates=duplicates)
+
+
+def _summary_line(data: Any, index: DatasetIndex, splits: dict[str, Split], n_skipped: int) -> str:
+    """What was found, said before any work is spent on it: counts per split, what was carved."""
+    n = sum(len(s) for s in splits.values())
+    classes = ", ".join(index.classes)
+    line = f"found {n} images in {len(index.classes)} classes ({classes}) in {data}"
+    line += ": " + ", ".join(f"{name} {len(s)}" for name, s in splits.items())
+    generated = index.generated_split
+    if generated:
+        carved = [
+            f"{name} {generated[f'{name}_fraction']:.0%}"
+            for name in generated["splits"]
+            if generated.get(f"{name}_fraction") is not None
+        ]
+        line += f"; carved from {generated['from']} ({', '.join(carved)}, seed {generated['seed']})"
+    if n_skipped:
+        line += f"; {n_skipped} skipped (listed above)"
+    return line
 
 
 def _report_skipped(skipped: list[tuple[str, str]], *, strict: bool) -> None:
