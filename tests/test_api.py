@@ -220,3 +220,22 @@ def test_the_data_summary_comes_first_and_names_carved_splits(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "found 20 images in 2 classes (blue, red)" in err
     assert "train 12, val 4, test 4; carved from all (val 20%, test 20%, seed 42)" in err
+
+
+def test_a_new_run_never_lands_on_an_old_one(split_data, tmp_path):
+    """An --out that is a file or a folder of other things is refused before any work; an
+    existing run is replaced only with overwrite (or continued with resume)."""
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(TransferlabError, match="is a file"):
+        _fit(split_data, tmp_path, out=tmp_path / "file")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(TransferlabError, match="holds other files"):
+        _fit(split_data, tmp_path, out=tmp_path / "mine")
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
+    run = tmp_path / "run"
+    _fit(split_data, tmp_path, out=run)
+    with pytest.raises(TransferlabError, match=r"holds a run already; write to .*run2"):
+        _fit(split_data, tmp_path, out=run)
+    again = _fit(split_data, tmp_path, out=run, overwrite=True, head="mlp")
+    assert transferlab.load(run).saved.head["kind"] == again.saved.head["kind"] == "mlp"

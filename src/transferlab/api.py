@@ -34,7 +34,7 @@ from transferlab.evaluation.scoring import (
 from transferlab.extract import FeatureExtractor
 from transferlab.model import softmax
 from transferlab.progress import progress, verbosity, warn
-from transferlab.runs import DATA_FILE, HISTORY_FILE, METRICS_FILE, SavedModel
+from transferlab.runs import DATA_FILE, HISTORY_FILE, METRICS_FILE, SavedModel, check_out_folder
 from transferlab.storage import read_json, write_json
 from transferlab.strategies import (
     STRATEGIES,
@@ -118,6 +118,8 @@ def _fit(
     ignored = ignored_options(config)
     if ignored:
         warn(f"{', '.join(ignored)}: ignored by strategy {config.strategy!r} (no effect)")
+    if out is not None and is_rank_zero():
+        check_out_folder(out, replace=config.overwrite or config.resume)
     seed_everything(config.seed)
     t_start = time.perf_counter()
     prepared = prepared or prepare_data(data, config)  # discover + scan: every file read once

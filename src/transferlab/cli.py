@@ -248,7 +248,9 @@ def backbones(
 
 
 @app.command()
-@config_options("backbone", "seed", "cache_dir", "workers", "accelerator", "precision", "track")
+@config_options(
+    "backbone", "seed", "cache_dir", "workers", "accelerator", "precision", "track", "overwrite"
+)
 def ladder(
     data: Path = typer.Argument(..., help="Images (any layout `fit` accepts)."),
     out: Path = typer.Option(

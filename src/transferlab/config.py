@@ -86,6 +86,7 @@ class FitConfig:
     precision: str = _opt("32-true", "32-true | bf16-mixed | 16-mixed")
     deterministic: bool = _opt(True, "Reproducible kernels and data order.")
     resume: bool = _opt(False, "Continue from OUT/checkpoints/last.ckpt.")
+    overwrite: bool = _opt(False, "Replace the run already in OUT (else it is refused).")
     track: str | None = _opt(None, "Log the run to an experiment tracker: mlflow.")
 
     def validate(self, *, cli: bool = True) -> FitConfig:

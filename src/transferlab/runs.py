@@ -63,6 +63,38 @@ def is_run_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / MODEL_FILE).is_file()
 
 
+def check_out_folder(out: str | os.PathLike, *, replace: bool) -> None:
+    """Refuse, before any work, an ``--out`` that would lose or mix data: a file, a folder
+    holding something else, or another run (unless ``replace``: --overwrite or --resume)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise TransferlabError(
+            f"--out {out} is a file; give a folder for the run (nothing written)"
+        )
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (is_run_dir(out) or (out / CHECKPOINT_DIR).is_dir()):
+        raise TransferlabError(
+            f"--out {out} holds other files, not a transferlab run; give a new or empty folder, "
+            f"e.g. {next_free(out)} (nothing written)"
+        )
+    if not replace:
+        raise TransferlabError(
+            f"--out {out} holds a run already; write to {next_free(out)}, or pass --overwrite to "
+            "replace it (--resume to continue an interrupted one)"
+        )
+
+
+def next_free(out: Path) -> Path:
+    """``runs/fit`` → ``runs/fit2``, ``runs/fit3``, …: the first name not taken (as Ultralytics
+    numbers its runs)."""
+    stem = out.name.rstrip("0123456789") or out.name
+    n = 2
+    while (out.parent / f"{stem}{n}").exists():
+        n += 1
+    return out.parent / f"{stem}{n}"
+
+
 def read_run_json(run: str | os.PathLike, name: str, default: Any = None) -> Any:
     """One of a run folder's JSON files; ``default`` when it is missing (unreadable: an error)."""
     return read_json(Path(run) / name, default)
