@@ -34,6 +34,13 @@ from transferlab.evaluation.scoring import (
 from transferlab.extract import FeatureExtractor
 from transferlab.model import softmax
 from transferlab.progress import progress, verbosity, warn
+from transferlab.provenance import (
+    input_manifest,
+    recorded_inputs,
+    require_intact,
+    seal_run,
+    write_provenance,
+)
 from transferlab.runs import DATA_FILE, HISTORY_FILE, METRICS_FILE, SavedModel, check_out_folder
 from transferlab.storage import read_json, write_json
 from transferlab.strategies import (
@@ -145,9 +152,10 @@ def _fit(
     clf.metrics["timings"]["total_s"] = time.perf_counter() - t_start
     clf.history = result.history
     clf.data_summary = prepared.summary()
+    clf.inputs = input_manifest(prepared)  # provenance.json's manifest, from the scan's digests
     if out_path is not None and is_rank_zero():
         clf.save(out_path)
-    finish_fit(clf, prepared, out_path)  # input manifest into provenance.json; --track mlflow
+    finish_fit(clf, out_path)  # --track mlflow
     return clf
 
 
@@ -183,6 +191,7 @@ class Classifier(ClassifierViews):
         self.history: list[dict] = []
         self.data_summary: dict[str, Any] = {}
         self.run_dir: Path | None = None  # the run folder it was saved to or loaded from
+        self.inputs: dict[str, Any] | None = None  # the input manifest (see provenance)
         self._extractor = None
 
     @property
@@ -291,8 +300,6 @@ class Classifier(ClassifierViews):
 
     def save(self, out: str | os.PathLike) -> Path:
         """Write the run folder: model, records, provenance.json, and files.json last."""
-        from transferlab.provenance import seal_run, write_provenance
-
         out = Path(out)
         self.saved.save(out, seal=False)
         if self.metrics:
@@ -301,7 +308,7 @@ class Classifier(ClassifierViews):
             write_json(out / DATA_FILE, self.data_summary)
         if self.history:
             write_json(out / HISTORY_FILE, self.history)
-        write_provenance(out, getattr(self, "inputs", None), self.metrics)
+        write_provenance(out, self.inputs, self.metrics)
         seal_run(out)
         self.run_dir = out
         return out
@@ -314,8 +321,6 @@ def load(path: str | os.PathLike) -> Classifier:
     finish, are an error; an edited or unreadable record (metrics/data/history.json) is a
     warning naming it (predict needs only the model and its weights).
     """
-    from transferlab.provenance import recorded_inputs, require_intact
-
     clf = Classifier(SavedModel.load(path))
     require_intact(path, warn)
     clf.run_dir = Path(path)
@@ -377,8 +382,6 @@ def evaluate_run(
         metrics = read_json(Path(run) / METRICS_FILE, {})
         write_json(Path(run) / METRICS_FILE, {**metrics, **record})
     if calibrate or record:
-        from transferlab.provenance import seal_run
-
         seal_run(run)  # the run's own changes: its file digests follow them
     return RunEvaluation(classifier=clf, prepared=prepared, report=report, split=split)
 

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from transferlab.errors import TransferlabError
-from transferlab.provenance import input_manifest, seal_run, write_provenance
 from transferlab.runs import CURVES_PNG, REPORT_FILE
 from transferlab.storage import read_json, write_json
 from transferlab.system import is_rank_zero
@@ -53,16 +52,9 @@ def tracking_uri() -> str:
     return uri
 
 
-def finish_fit(clf: Any, prepared: Any, out: Path | None) -> None:
-    """After ``fit``'s save: the input manifest goes into provenance.json (re-sealed), and the
-    run is logged when the config asks for tracking."""
-    clf.inputs = input_manifest(prepared)
-    if not is_rank_zero():
-        return
-    if out is not None:
-        write_provenance(out, clf.inputs, clf.metrics)
-        seal_run(out)
-    if not clf.saved.config.get("track"):
+def finish_fit(clf: Any, out: Path | None) -> None:
+    """After ``fit``'s save: log the run when the config asks for tracking."""
+    if not is_rank_zero() or not clf.saved.config.get("track"):
         return
     try:
         end_run(log_fit(clf, out))

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import nn
 
 from transferlab.errors import TransferlabError
+from transferlab.evaluation import plots
 
 # Fixed figure geometry (no bbox_inches="tight"), so a saved explanation always has the same
 # pixel size whatever the title length: 800 x 440 px.
@@ -101,16 +101,14 @@ def check_input_size(height: int, width: int, input_size: Sequence[int] | None) 
 
 
 def new_figure(figsize: tuple[float, float], dpi: int = EXPLANATION_DPI) -> Figure:
-    fig = Figure(figsize=figsize, dpi=dpi)
-    FigureCanvasAgg(fig)
-    return fig
+    """:func:`transferlab.evaluation.plots.new_figure` at the explanations' resolution."""
+    return plots.new_figure(figsize, dpi)
 
 
 def save_figure(fig: Figure, out_path: str | Path) -> Path:
-    path = Path(out_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # No bbox_inches="tight": the pixel size stays figsize * dpi, predictable for callers.
-    fig.savefig(path, format="png", dpi=fig.dpi)
+    """The PNG (pixel size figsize x dpi: no bbox_inches="tight"), then the figure is cleared:
+    a batch of explanations does not keep every drawing alive."""
+    path = plots.save_figure(fig, out_path)
     fig.clear()
     return path
 

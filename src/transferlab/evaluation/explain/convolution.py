@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 
 from transferlab.errors import TransferlabError
 from transferlab.evaluation.explain.common import new_figure, save_figure
@@ -161,7 +162,20 @@ def display_response(response: np.ndarray, kernel: str | np.ndarray) -> np.ndarr
 def plot_convolution(image: np.ndarray, kernel: str | np.ndarray, out_path: str | Path) -> Path:
     """Input (grey) | kernel values as a small matrix | output, side by side (1200 x 420 px)."""
     name, k = _as_kernel(kernel)
-    gray = to_grayscale(image)
+    edge = abs(float(k.sum())) < 1e-6
+    fig = convolution_figure(
+        to_grayscale(image),
+        k,
+        kernel_title=f"kernel: {name} ({k.shape[0]}x{k.shape[1]})",
+        output_title="output |response|, scaled" if edge else "output",
+    )
+    return save_figure(fig, out_path)
+
+
+def convolution_figure(
+    gray: np.ndarray, k: np.ndarray, *, kernel_title: str, output_title: str
+) -> Figure:
+    """Input | kernel values as a small matrix | response, side by side (12 x 4.2 in)."""
     shown = display_response(convolve(gray, k), k)
     fig = new_figure((12.0, 4.2))
     ax_in, ax_k, ax_out = fig.subplots(1, 3, width_ratios=[1, 0.7, 1])
@@ -174,10 +188,9 @@ def plot_convolution(image: np.ndarray, kernel: str | np.ndarray, out_path: str 
             ax_k.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=10)
     ax_k.set_xticks([])
     ax_k.set_yticks([])
-    ax_k.set_title(f"kernel: {name} ({k.shape[0]}x{k.shape[1]})")
+    ax_k.set_title(kernel_title)
     ax_out.imshow(shown, cmap="gray", vmin=0, vmax=255)
-    edge = abs(float(k.sum())) < 1e-6
-    ax_out.set_title("output |response|, scaled" if edge else "output")
+    ax_out.set_title(output_title)
     for ax in (ax_in, ax_out):
         ax.axis("off")
-    return save_figure(fig, out_path)
+    return fig

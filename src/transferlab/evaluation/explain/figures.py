@@ -24,12 +24,9 @@ from transferlab.evaluation.explain.cams import grad_cam, overlay_cam
 from transferlab.evaluation.explain.common import minmax, normalize
 from transferlab.evaluation.explain.convolution import (
     KERNELS,
-    display_response,
+    convolution_figure,
     parse_kernel,
     to_grayscale,
-)
-from transferlab.evaluation.explain.convolution import (
-    convolve as _convolve,
 )
 from transferlab.evaluation.explain.feature_maps import feature_maps as _feature_maps
 from transferlab.evaluation.explain.filters import first_layer_filters
@@ -126,21 +123,8 @@ def convolve(image: Any, kernel: str | np.ndarray = "sobel-x") -> Figure:
         kernel = KERNELS[kernel] if kernel in KERNELS else parse_kernel(kernel)
     k = np.asarray(kernel, dtype=np.float32)
     gray = to_grayscale(_full_picture(image))
-    fig = new_figure((12.0, 4.2))
-    ax_in, ax_k, ax_out = fig.subplots(1, 3, width_ratios=[1, 0.7, 1])
-    ax_in.imshow(gray, cmap="gray", vmin=0, vmax=255)
-    ax_in.set_title("input (grayscale)")
-    lim = float(np.abs(k).max()) or 1.0
-    ax_k.imshow(k, cmap="coolwarm", vmin=-lim, vmax=lim)
-    if k.shape[0] <= 7:
-        for (i, j), v in np.ndenumerate(k):
-            ax_k.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=10)
-    ax_k.set_title(f"kernel {k.shape[0]}x{k.shape[1]}")
-    ax_out.imshow(display_response(_convolve(gray, k), k), cmap="gray", vmin=0, vmax=255)
-    ax_out.set_title("response")
-    for ax in (ax_in, ax_k, ax_out):
-        ax.set_xticks([])
-        ax.set_yticks([])
+    kernel_title = f"kernel {k.shape[0]}x{k.shape[1]}"
+    fig = convolution_figure(gray, k, kernel_title=kernel_title, output_title="response")
     fig.tight_layout()
     return fig
 
