@@ -64,6 +64,17 @@ def make_image(
     return path
 
 
+TINY_BACKBONE = "mobilenetv2_035"  # random init: no network, ~0.4 M parameters
+
+
+def tiny_fit_options(tmp_path: Path) -> dict[str, Any]:
+    """``fit`` options for a fast offline run: a tiny random backbone, eager torch, no workers."""
+    return {
+        "backbone": TINY_BACKBONE, "pretrained": False, "engine": "torch", "workers": 0,
+        "cache_dir": str(tmp_path / "cache"),
+    }  # fmt: skip
+
+
 @pytest.fixture
 def tiny_dataset(tmp_path: Path) -> Path:
     """``root/{train,val,test}/{a,b}/`` with 4/2/2 JPEGs per class (varied sizes, RGB)."""

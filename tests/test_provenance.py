@@ -12,26 +12,18 @@ import pytest
 from typer.testing import CliRunner
 
 import transferlab
-from conftest import make_image
+from conftest import make_image, tiny_fit_options
 from transferlab import provenance, runs
 from transferlab.cli import app
 from transferlab.errors import TransferlabError
 
-TINY = "mobilenetv2_035"
 runner = CliRunner()
-
-
-def _opts(tmp_path: Path) -> dict:
-    return {
-        "backbone": TINY, "pretrained": False, "engine": "torch", "workers": 0,
-        "cache_dir": str(tmp_path / "cache"),
-    }  # fmt: skip
 
 
 @pytest.fixture
 def run_and_data(tiny_dataset, tmp_path):
     out = tmp_path / "run"
-    transferlab.fit(tiny_dataset, out=out, **_opts(tmp_path))
+    transferlab.fit(tiny_dataset, out=out, **tiny_fit_options(tmp_path))
     return out, tiny_dataset
 
 
@@ -131,5 +123,5 @@ def test_no_command_writes_into_the_data_folder(run_and_data, tmp_path):
     for cmd in commands:
         result = runner.invoke(app, cmd, env=env)
         assert result.exit_code == 0, (cmd, result.output)
-    transferlab.fit(data, out=tmp_path / "run2", **_opts(tmp_path))
+    transferlab.fit(data, out=tmp_path / "run2", **tiny_fit_options(tmp_path))
     assert _tree_digest(data) == before

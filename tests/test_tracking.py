@@ -8,19 +8,11 @@ import sys
 import pytest
 
 import transferlab
+from conftest import TINY_BACKBONE, tiny_fit_options
 from transferlab.errors import TransferlabError
 
 mlflow = pytest.importorskip("mlflow", reason="mlflow-skinny is in requirements.txt")
 from mlflow.tracking import MlflowClient  # noqa: E402
-
-TINY = "mobilenetv2_035"
-
-
-def _opts(tmp_path) -> dict:
-    return {
-        "backbone": TINY, "pretrained": False, "engine": "torch", "workers": 0,
-        "cache_dir": str(tmp_path / "cache"),
-    }  # fmt: skip
 
 
 @pytest.fixture
@@ -41,14 +33,14 @@ def test_fit_logs_params_epoch_metrics_final_cis_tags_and_artifacts(tiny_dataset
     out = tmp_path / "run"
     clf = transferlab.fit(
         tiny_dataset, out=out, track="mlflow", strategy="frozen", epochs=2, patience=None,
-        **_opts(tmp_path),
+        **tiny_fit_options(tmp_path),
     )  # fmt: skip
     (run,) = _runs(store)
     assert run.info.status == "FINISHED"
     params = run.data.params
     assert params["config.strategy"] == "frozen" and params["config.track"] == "mlflow"
     assert params["config.epochs"] == "2"
-    assert params["backbone.spec"] == TINY
+    assert params["backbone.spec"] == TINY_BACKBONE
     assert params["backbone.weights_hash"] == clf.saved.body["weights_hash"]
     assert len(params["data.digest"]) == 64 and params["data.images"] == "16"
     tags = run.data.tags
@@ -73,12 +65,14 @@ def test_fit_logs_params_epoch_metrics_final_cis_tags_and_artifacts(tiny_dataset
 def test_track_without_mlflow_says_how_to_install(tiny_dataset, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "mlflow.tracking", None)  # import fails as if absent
     with pytest.raises(TransferlabError, match="pip install mlflow"):
-        transferlab.fit(tiny_dataset, out=tmp_path / "r", track="mlflow", **_opts(tmp_path))
+        transferlab.fit(
+            tiny_dataset, out=tmp_path / "r", track="mlflow", **tiny_fit_options(tmp_path)
+        )
 
 
 def test_unknown_tracker_is_a_config_error(tiny_dataset, tmp_path):
     with pytest.raises(TransferlabError, match="track.*wandb.*mlflow"):
-        transferlab.fit(tiny_dataset, track="wandb", **_opts(tmp_path))
+        transferlab.fit(tiny_dataset, track="wandb", **tiny_fit_options(tmp_path))
 
 
 def test_track_does_not_make_resume_refuse():
@@ -94,7 +88,7 @@ def test_cli_fit_track_option_logs_to_the_env_store(tiny_dataset, tmp_path, stor
     from transferlab.cli import app
 
     args = ["fit", str(tiny_dataset), "--out", str(tmp_path / "run"), "--track", "mlflow",
-            "--backbone", TINY, "--no-pretrained", "--engine", "torch", "--workers", "0",
+            "--backbone", TINY_BACKBONE, "--no-pretrained", "--engine", "torch", "--workers", "0",
             "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -109,5 +103,5 @@ def test_unreachable_store_is_one_error_and_the_run_is_kept(tiny_dataset, tmp_pa
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     out = tmp_path / "run"
     with pytest.raises(TransferlabError, match="--track mlflow: logging to .* failed"):
-        transferlab.fit(tiny_dataset, out=out, track="mlflow", **_opts(tmp_path))
+        transferlab.fit(tiny_dataset, out=out, track="mlflow", **tiny_fit_options(tmp_path))
     assert transferlab.load(out).classes == ["a", "b"]

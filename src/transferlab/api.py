@@ -366,19 +366,19 @@ def evaluate_run(
     become part of its record: they are merged into its ``metrics.json`` (and so its report).
     """
     clf = load(run)
+    own = _same_data(clf, data)
     # scanned once, as fit scans: unusable files are skipped here and in a report alike. An
     # unsplit folder that is not the run's own is scored whole (evaluation_data); calibrating
     # keeps the splits, since the temperature is fitted on val.
     if calibrate:
         prepared = prepare_run_data(data, clf.saved.config, clf.classes)
     else:
-        own = _same_data(run, data)
         prepared, split = evaluation_data(data, clf.saved.config, clf.classes, split, own_data=own)
     report = clf.evaluate(data, split=split, tta=tta, calibrate=calibrate, prepared=prepared)
     record = {k: {**report[k], "data": str(data)} for k in ("calibration", "tta") if k in report}
     if calibrate:
-        clf.saved.save(run)  # model.json now carries the temperature
-    if record and _same_data(run, data):
+        clf.saved.save(run, seal=False)  # model.json now carries the temperature
+    if record and own:
         metrics = read_json(Path(run) / METRICS_FILE, {})
         write_json(Path(run) / METRICS_FILE, {**metrics, **record})
     if calibrate or record:
@@ -386,8 +386,9 @@ def evaluate_run(
     return RunEvaluation(classifier=clf, prepared=prepared, report=report, split=split)
 
 
-def _same_data(run: str | os.PathLike, data: str | os.PathLike) -> bool:
-    root = (read_json(Path(run) / DATA_FILE) or {}).get("index", {}).get("root")
+def _same_data(clf: Classifier, data: str | os.PathLike) -> bool:
+    """Whether ``data`` is the folder the run was fitted on (its data.json's root)."""
+    root = clf.data_summary.get("index", {}).get("root")
     return root is not None and Path(data).resolve() == Path(root).resolve()
 
 
