@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import platform
 import sys
+from typing import Any
 
 
 def available_cpus() -> int:
@@ -27,9 +29,27 @@ def is_rank_zero() -> bool:
     return True
 
 
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
 _malloc_tuned: bool | None = None
+
+
+@functools.cache
+def glibc() -> Any:
+    """glibc through ctypes (``mallopt``, ``malloc_trim``), or None where the C library is
+    another (macOS, musl, Windows)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018 - raises AttributeError on musl and others
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.mallopt.restype = ctypes.c_int
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 def tune_glibc_malloc() -> bool:
@@ -44,19 +64,12 @@ def tune_glibc_malloc() -> bool:
     if _malloc_tuned is not None:
         return _malloc_tuned
     _malloc_tuned = False
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.gnu_get_libc_version  # noqa: B018 - raises AttributeError on musl and others
-        mallopt = libc.mallopt
-        mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-        mallopt.restype = ctypes.c_int
-    except (OSError, AttributeError):
+    libc = glibc()
+    if libc is None:
         return False
     # glibc caps the mmap threshold (32 MiB on 64-bit via mallopt); try big, then the cap.
-    mmap_ok = any(mallopt(_M_MMAP_THRESHOLD, v) == 1 for v in (1 << 30, 1 << 25))
-    trim_ok = mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1) == 1
+    mmap_ok = any(libc.mallopt(M_MMAP_THRESHOLD, v) == 1 for v in (1 << 30, 1 << 25))
+    trim_ok = libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1) == 1
     _malloc_tuned = bool(mmap_ok and trim_ok)
     return _malloc_tuned
 

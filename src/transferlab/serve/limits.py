@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
-import functools
 import logging
 import re
 import time
@@ -26,6 +23,7 @@ from typing import Any
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from transferlab.serve.guards import log
+from transferlab.system import M_ARENA_MAX, M_MMAP_THRESHOLD, glibc
 
 __all__ = [
     "DEFAULT_HEADER_TIMEOUT",
@@ -170,22 +168,6 @@ def install_log_limits(burst: int = 5, window_s: float = 10.0) -> None:
             handler.addFilter(RateLimitFilter(burst, window_s))
 
 
-@functools.cache
-def _libc() -> Any:
-    name = ctypes.util.find_library("c")
-    if not name:
-        return None
-    with contextlib.suppress(OSError):
-        libc = ctypes.CDLL(name)
-        if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt"):
-            return libc
-    return None
-
-
-_M_MMAP_THRESHOLD = -3
-_M_ARENA_MAX = -8
-
-
 def tune_process(max_connections: int) -> int:
     """Prepare the process for many connections and bursts of big uploads; returns the
     connection cap that fits the open-files limit (lowered when the hard limit is smaller).
@@ -194,10 +176,10 @@ def tune_process(max_connections: int) -> int:
     buffers come from the heap and stay with the process; a fixed 1 MiB threshold keeps them
     mmapped (returned on free), and two arenas per process stop each thread from growing its own.
     """
-    libc = _libc()
+    libc = glibc()
     if libc is not None:
-        libc.mallopt(_M_MMAP_THRESHOLD, 1024 * 1024)
-        libc.mallopt(_M_ARENA_MAX, 2)
+        libc.mallopt(M_MMAP_THRESHOLD, 1024 * 1024)
+        libc.mallopt(M_ARENA_MAX, 2)
     try:
         import resource
     except ImportError:  # Windows: no rlimits
@@ -223,6 +205,6 @@ def tune_process(max_connections: int) -> int:
 
 def release_memory() -> None:
     """Hand freed heap memory back to the OS (glibc only; elsewhere a no-op)."""
-    libc = _libc()
+    libc = glibc()
     if libc is not None:
         libc.malloc_trim(0)
