@@ -117,6 +117,30 @@ def test_base64_json_and_threshold(client, jpeg):
     assert r.json()["predictions"][0]["label"] == "unknown"
 
 
+def test_a_raw_image_body_is_one_image(client, jpeg):
+    """``curl --data-binary @x.jpg -H 'Content-Type: image/jpeg'``: the body is the image, and is
+    sniffed like an upload (a text body sent as image/png is still refused)."""
+    r = client.post("/predict", content=jpeg, headers={"content-type": "image/jpeg"})
+    assert r.status_code == 200, r.text
+    multipart = client.post("/predict", files=_files(jpeg)).json()
+    assert r.json() == multipart
+    r = client.post("/predict", content=b"hello", headers={"content-type": "image/png"})
+    assert r.status_code == 415 and r.json()["error"] == "not an image"
+
+
+def test_docs_work_offline(client):
+    """/docs loads Swagger UI from this server, not a CDN: every script and stylesheet it names
+    is served here."""
+    import re
+
+    html = client.get("/docs").text
+    assets = re.findall(r"""(?:src|href)=['"]([^'"]+)['"]""", html)
+    assert assets and not [a for a in assets if a.startswith(("http:", "https:", "//"))]
+    for asset in assets:
+        if asset.endswith((".js", ".css")):
+            assert client.get(asset).status_code == 200, asset
+
+
 def test_concurrent_requests_are_micro_batched(run_dir, jpeg):
     app = create_app(run_dir, batch_wait_ms=200, max_batch=32)
 

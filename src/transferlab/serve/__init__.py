@@ -1,10 +1,11 @@
 """An HTTP prediction service for a run folder: FastAPI + one micro-batching inference thread.
 
-    POST /predict   multipart (field ``file``, repeatable) or JSON ``{"images": [base64, ...]}``
+    POST /predict   multipart (field ``file``, repeatable), JSON ``{"images": [base64, ...]}``
+                    or one raw image body (``Content-Type: image/jpeg``, …)
                     ?top_k=3&threshold=0.7 → {"predictions": [{label, probability, top_k}, ...]}
     GET  /health    liveness + batching counters
     GET  /model     classes, backbone, metrics summary, preprocessing
-    GET  /docs      OpenAPI UI (schema at /openapi.json)
+    GET  /docs      OpenAPI UI, served from the package: works offline (schema at /openapi.json)
 
 Requests are decoded in the thread pool (bounded by a semaphore, so a burst of large images
 cannot exhaust memory), then their images join one asyncio queue; a single task takes up to

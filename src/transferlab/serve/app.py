@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi_offline import FastAPIOffline
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -204,7 +205,7 @@ def create_app(
     batcher = MicroBatcher(engine.infer, max_batch=max_batch, wait_s=batch_wait_ms / 1000.0)
     # Pillow warns (on several lines) between its own limits; ours is lower and answers with 413.
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs works without network: Swagger UI from the package
         title="transferlab",
         summary=f"Image classifier: {', '.join(clf.classes)}",
         version=transferlab.__version__,

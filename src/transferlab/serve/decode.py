@@ -1,5 +1,5 @@
-"""From a request body to model-ready pixels: the uploaded files (multipart field ``file`` or
-base64 in JSON), each sniffed by its magic bytes (never its name or content type), its pixel
+"""From a request body to model-ready pixels: the uploaded files (multipart field ``file``,
+base64 in JSON, or one image as the raw body), each sniffed by its magic bytes (never its name or content type), its pixel
 count checked from the header before decoding, then decoded with the model's preprocessing."""
 
 from __future__ import annotations
@@ -50,12 +50,15 @@ async def read_images(request: Request, max_images: int) -> list[bytes]:
         blobs = await _form_images(request, max_images)
     elif ctype == "application/json" or ctype.endswith("+json"):
         blobs = _json_images(await request.body())
+    elif ctype.startswith("image/") or ctype == "application/octet-stream":
+        blobs = [await request.body()]  # one raw image (curl --data-binary); sniffed as any
     else:
         raise ApiError(
             415,
             "unsupported content type",
             f"got {ctype or 'no content type'}; send multipart/form-data with field 'file', "
-            'or application/json {"images": [base64, ...]}',
+            'application/json {"images": [base64, ...]}, or one image as the raw body '
+            "(image/jpeg, image/png, …)",
         )
     if len(blobs) > max_images:
         raise ApiError(

@@ -45,7 +45,7 @@ ERROR_RESPONSES = {
     504: {"model": ErrorBody, "description": "The request took longer than the server's timeout"},
 }
 
-# /predict reads the raw request (multipart or JSON, sniffed by hand), so FastAPI cannot infer
+# /predict reads the raw request (multipart, JSON or a raw image, sniffed by hand), so FastAPI cannot infer
 # its body from the handler's signature: it is described here for the OpenAPI schema.
 PREDICT_BODY = {
     "required": True,
@@ -75,6 +75,13 @@ PREDICT_BODY = {
                     }
                 },
                 "required": ["images"],
+            }
+        },
+        "image/*": {
+            "schema": {
+                "type": "string",
+                "format": "binary",
+                "description": "One image as the raw body (curl --data-binary @cat.jpg).",
             }
         },
     },
