@@ -134,9 +134,70 @@ def test_ctrl_c_says_how_to_resume_and_resume_finishes(tiny_dataset, tmp_path):
     assert "Traceback" not in rest
     hint = rest.strip().splitlines()[-1]
     assert hint.startswith("interrupted — resume with: transferlab fit ") and "--resume" in hint
+    # nothing half-written in OUT: the run waits in OUT.partial, marked, with its checkpoints
+    run, partial = tmp_path / "run", tmp_path / "run.partial"
+    assert not run.exists() and (partial / "incomplete.json").is_file()
+    # every command that meets it says how to resume; a plain re-run is refused, not started over
+    for command in (["predict", run, tiny_dataset], ["evaluate", partial, tiny_dataset], args):
+        r = tl(*command)
+        assert r.returncode == 2 and "interrupted run" in r.stderr, (command, r.stderr)
+        assert "--resume" in r.stderr and "Traceback" not in r.stderr
+    listed = tl("runs", tmp_path, "--format", "csv")
+    assert listed.returncode == 0 and "run.partial,incomplete" in listed.stdout, listed.stdout
     resumed = tl(*hint.split("resume with: transferlab ", 1)[1].split())
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert not partial.exists()
+    history = json.loads((run / "history.json").read_text())
     assert len(history) == 40  # every epoch, the interrupted ones and the resumed ones
     again = tl(*hint.split("resume with: transferlab ", 1)[1].split())
     assert again.returncode == 0 and "nothing left to train" in again.stderr
+
+
+def test_a_failed_overwrite_leaves_the_old_run_whole(tiny_dataset, tmp_path, monkeypatch):
+    """The new run is built beside the old one and renamed over it only when complete: a crash
+    midway (here in the metrics) leaves the old run loadable and unchanged."""
+    import pytest
+
+    import transferlab
+    from conftest import tiny_fit_options
+    from transferlab import api
+
+    run = tmp_path / "run"
+    first = transferlab.fit(tiny_dataset, out=run, **tiny_fit_options(tmp_path), verbose=False)
+    before = (run / "model.json").read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(api, "_fit_metrics", crash)
+    with pytest.raises(OSError):
+        transferlab.fit(tiny_dataset, out=run, overwrite=True, seed=7, **tiny_fit_options(tmp_path))
+    assert (run / "model.json").read_bytes() == before
+    again = transferlab.load(run)
+    assert again.metrics["test"]["accuracy"] == first.metrics["test"]["accuracy"]
+    assert (tmp_path / "run.partial" / "incomplete.json").is_file()
+
+
+def test_quiet_anywhere_and_piped_tables_keep_whole_paths(tiny_dataset, tmp_path):
+    """-q/--quiet (before or after the command) leaves results and errors only; piped output
+    is never cut at 80 columns: a long path comes out whole."""
+    run = tmp_path / "run"
+    args = ["--out", run, "--backbone", TINY, "--no-pretrained", "--engine", "torch",
+            "--workers", "0", "--cache-dir", tmp_path / "cache"]  # fmt: skip
+    r = tl("fit", tiny_dataset, *args, "-q")
+    assert r.returncode == 0, r.stderr
+    assert "checking images" not in r.stderr and "found" not in r.stderr  # no progress, no info
+    assert "test accuracy" in r.stdout
+    loud = tl("fit", tiny_dataset, *args, "--overwrite")
+    assert "checking images" in loud.stderr  # what -q took away
+    r = tl("-q", "predict", run, tmp_path / "nothing*.jpg")
+    assert r.returncode == 2 and "matched no file" in r.stderr  # errors still said
+
+    deep = tmp_path / ("a_rather_long_folder_name_" * 4) / "and_another_level_of_folders"
+    deep.mkdir(parents=True)
+    photo = next((tiny_dataset / "test" / "a").glob("*.jpg"))
+    (deep / "picture_with_a_long_descriptive_name.jpg").write_bytes(photo.read_bytes())
+    r = tl("predict", run, deep, "--format", "table")
+    assert r.returncode == 0, r.stderr
+    assert str(deep / "picture_with_a_long_descriptive_name.jpg") in r.stdout
+    assert len(str(deep)) > 120

@@ -168,3 +168,42 @@ def test_cli_export_prints_parity_and_writes_report(run_dir, tmp_path):
     assert "parity vs eager PyTorch" in r.output and "uint8 RGB" in r.output
     assert json.loads(report.read_text())["parity"]["ok"] is True
     assert read_metadata(out)["classes"] == ["blue", "red"]
+
+
+def test_predict_and_evaluate_take_the_exported_file(run_dir, data, tmp_path):
+    """An exported .onnx stands in for its run folder: the same labels per image and the same
+    evaluation (labels and preprocessing read from the file), as the CLI's user runs them."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "m.onnx"
+    export_model(run_dir, "onnx", out, threads=1)
+
+    def tl(*args):
+        cmd = [sys.executable, "-m", "transferlab", *map(str, args)]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+    rows = {}
+    for model in (run_dir, out):
+        r = tl("predict", model, data / "test", "--format", "jsonl")
+        assert r.returncode == 0, r.stderr
+        rows[model] = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [(r["path"], r["label"]) for r in rows[out]] == [
+        (r["path"], r["label"]) for r in rows[run_dir]
+    ]
+    for a, b in zip(rows[out], rows[run_dir], strict=True):
+        assert abs(a["probability"] - b["probability"]) < 1e-4
+
+    reports = {}
+    for model in (run_dir, out):
+        r = tl("evaluate", model, data, "--json", tmp_path / "e.json")
+        assert r.returncode == 0, r.stderr
+        reports[model] = json.loads((tmp_path / "e.json").read_text())
+    assert reports[out]["accuracy"] == reports[run_dir]["accuracy"]
+    assert reports[out]["confusion_matrix"] == reports[run_dir]["confusion_matrix"]
+    # what the exported file cannot do is said, not attempted
+    r = tl("evaluate", out, data, "--calibrate")
+    assert r.returncode == 2 and "run folder" in r.stderr
+    (tmp_path / "plain.onnx").write_bytes(b"not onnx")
+    r = tl("predict", tmp_path / "plain.onnx", data / "test")
+    assert r.returncode == 2 and "not a loadable ONNX model" in r.stderr

@@ -24,7 +24,8 @@ LAYERS: list[tuple[str, ...]] = [
     # the training engine
     ("engine",),
     # strategies
-    ("strategies",),
+    # strategies, and choosing among backbones (rank uses the strategies' feature path)
+    ("strategies", "selection"),
     # the run folder, prediction, metrics and plots
     (
         "runs",
@@ -36,6 +37,7 @@ LAYERS: list[tuple[str, ...]] = [
         "evaluation.metrics",
         "evaluation.plots",
         "evaluation.scoring",
+        "evaluation.exported",
         "evaluation.explain",  # below the API: Classifier.explain draws with it
     ),
     # the Python API
@@ -51,9 +53,10 @@ LAYERS: list[tuple[str, ...]] = [
         "lr_find",
         "doctor",
         "cache_admin",
+        "curve",
     ),  # fmt: skip
     # the command line
-    ("cli", "cli_see", "cli_ship", "cli_runs", "__main__"),
+    ("cli", "cli_see", "cli_ship", "cli_runs", "cli_choose", "cli_scale", "__main__"),
 ]
 
 

@@ -346,3 +346,18 @@ def test_cli_predict_writes_resumable_output(run_dir, photos, tmp_path):
     r = CliRunner().invoke(app, ["predict", str(run_dir), str(photos), "--format", "csv"])
     assert r.exit_code == 0
     assert "label1" in r.output.splitlines()[0]
+
+
+def test_folders_and_globs_come_in_name_order(tmp_path):
+    """Predictions of a folder list its files in name order, subfolders in place, whatever
+    order the filesystem returns them in (here: created in reverse)."""
+    from transferlab.predict.sources import iter_sources
+
+    names = ["z.jpg", "b/y.jpg", "b/a.jpg", "m.png", "a.jpg", "a/c.jpg"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    got = [p[len(str(tmp_path)) + 1 :] for p in iter_sources([str(tmp_path)])]
+    assert got == ["a/c.jpg", "a.jpg", "b/a.jpg", "b/y.jpg", "m.png", "z.jpg"]
+    globbed = [p[len(str(tmp_path)) + 1 :] for p in iter_sources([str(tmp_path / "**/*.jpg")])]
+    assert globbed == sorted(globbed) and len(globbed) == 5

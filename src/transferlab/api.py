@@ -24,6 +24,7 @@ from transferlab.config import FitConfig, config_from, with_options
 from transferlab.data.prepared import PreparedData, Split, prepare_data
 from transferlab.errors import TransferlabError
 from transferlab.evaluation.card import ClassifierViews
+from transferlab.evaluation.exported import evaluate_exported
 from transferlab.evaluation.metrics import classification_report
 from transferlab.evaluation.scoring import (
     evaluate_split,
@@ -33,6 +34,7 @@ from transferlab.evaluation.scoring import (
 )
 from transferlab.extract import FeatureExtractor
 from transferlab.model import softmax
+from transferlab.predict import ExportedClassifier, is_exported_file
 from transferlab.progress import progress, verbosity, warn
 from transferlab.provenance import (
     input_manifest,
@@ -41,7 +43,16 @@ from transferlab.provenance import (
     seal_run,
     write_provenance,
 )
-from transferlab.runs import DATA_FILE, HISTORY_FILE, METRICS_FILE, SavedModel, check_out_folder
+from transferlab.runs import (
+    DATA_FILE,
+    HISTORY_FILE,
+    METRICS_FILE,
+    SavedModel,
+    begin_run,
+    check_out_folder,
+    finish_run,
+    partial_dir,
+)
 from transferlab.storage import read_json, write_json
 from transferlab.strategies import (
     STRATEGIES,
@@ -131,7 +142,10 @@ def _fit(
     t_start = time.perf_counter()
     prepared = prepared or prepare_data(data, config)  # discover + scan: every file read once
     out_path = Path(out) if out is not None else None
-    ctx = strategy_context(prepared, config, out_path or Path(os.devnull))  # backbone built here
+    work = None  # OUT.partial: the run is built there and renamed to OUT when complete
+    if out_path is not None:
+        work = begin_run(out_path, data, config) if is_rank_zero() else partial_dir(out_path)
+    ctx = strategy_context(prepared, config, work or Path(os.devnull))  # backbone built here
     t0 = time.perf_counter()
     result = STRATEGIES[config.strategy].run(ctx)
     ctx.timings["train_s"] = time.perf_counter() - t0
@@ -153,8 +167,8 @@ def _fit(
     clf.history = result.history
     clf.data_summary = prepared.summary()
     clf.inputs = input_manifest(prepared)  # provenance.json's manifest, from the scan's digests
-    if out_path is not None and is_rank_zero():
-        clf.save(out_path)
+    if work is not None and out_path is not None and is_rank_zero():
+        clf.run_dir = finish_run(work, out_path, clf.save)
     finish_fit(clf, out_path)  # --track mlflow
     return clf
 
@@ -345,7 +359,7 @@ class RunEvaluation:
     """A saved run scored on a dataset: the model, the scanned data, the report (see
     ``Classifier.evaluate``)."""
 
-    classifier: Classifier
+    classifier: Classifier | ExportedClassifier
     prepared: PreparedData
     report: dict[str, Any]
     split: str  # what was scored: "all" when a whole folder was
@@ -365,6 +379,12 @@ def evaluate_run(
     ``predict``/``serve``/export uses it). Calibration and TTA results on the run's own data
     become part of its record: they are merged into its ``metrics.json`` (and so its report).
     """
+    if is_exported_file(run):
+        if calibrate or tta not in (None, False, "none"):
+            raise TransferlabError(
+                f"{run}: --calibrate and --tta need the run folder, not an exported file"
+            )
+        return RunEvaluation(*evaluate_exported(run, data, split))
     clf = load(run)
     own = _same_data(clf, data)
     # scanned once, as fit scans: unusable files are skipped here and in a report alike. An

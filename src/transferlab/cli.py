@@ -41,8 +41,30 @@ def _options(
     version: bool = typer.Option(
         False, "--version", "-V", callback=_print_version, is_eager=True, help="Print the version."
     ),
+    quiet: bool = typer.Option(
+        False,
+        "--quiet",
+        "-q",
+        help="Results and errors only: no progress, no info lines "
+        "(also after the command: `transferlab fit DATA -q`).",
+    ),
 ) -> None:
     """Turn a folder of labelled images into an evaluated classifier by transfer learning."""
+
+
+QUIET_FLAGS = ("-q", "--quiet")
+
+
+def _take_quiet(argv: list[str]) -> list[str]:
+    """``-q/--quiet`` anywhere before ``--`` (as pip and git take their global flags): set
+    TRANSFERLAB_QUIET (decode workers and DDP ranks inherit it) and drop it from argv."""
+    import os
+
+    end = argv.index("--") if "--" in argv else len(argv)
+    if not any(a in QUIET_FLAGS for a in argv[:end]):
+        return argv
+    os.environ["TRANSFERLAB_QUIET"] = "1"
+    return [a for a in argv[:end] if a not in QUIET_FLAGS] + argv[end:]
 
 
 Command = TypeVar("Command", bound=Callable[..., Any])
@@ -55,7 +77,7 @@ def main() -> None:
 
     faulthandler.enable()  # a crash in native code (decoder, runtime) still says where
     try:
-        app()
+        app(args=_take_quiet(sys.argv[1:]))
     except TransferlabError as e:
         console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -52,7 +52,8 @@ def runs(
         out_console.print_json(json.dumps(rows))
     elif format == "csv":
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["run"])
+        columns = list(dict.fromkeys(k for r in rows for k in r)) or ["run"]  # incomplete: fewer
+        writer = csv.DictWriter(buf, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
         print(buf.getvalue(), end="")
@@ -77,11 +78,15 @@ def _runs_table(rows: list[dict[str, Any]], root: Path) -> None:
         time_s = r.get("time_s")
         table.add_row(
             str(Path(r["run"]).relative_to(root)) if r["run"] != str(root) else ".",
-            r["date"], r["strategy"] or "–", r["backbone"] or "–",
+            r["date"], r.get("strategy") or r["status"], r.get("backbone") or "–",
             Path(r["data"]).name if r["data"] else "–", _acc(r, "val"), _acc(r, "test"),
             f"{time_s:.0f} s" if time_s is not None else "–",
         )  # fmt: skip
     out_console.print(table)
+    for r in rows:
+        if r["status"] == "incomplete":
+            line = f"{r['run']}: interrupted; resume with: {r['resume']}"
+            out_console.print(line, soft_wrap=True, highlight=False)
 
 
 def verify(

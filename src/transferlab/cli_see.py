@@ -29,9 +29,9 @@ def _fmt_acc(m: dict[str, Any] | None) -> str:
 
 
 def evaluate(
-    run: Path = typer.Argument(..., help="A run folder written by `fit`."),
+    run: Path = typer.Argument(..., help="A run folder written by `fit`, or an exported .onnx."),
     data: Path = typer.Argument(..., help="The dataset to evaluate on."),
-    split: str = typer.Option("test", help="train | val | test"),
+    split: str = typer.Option("test", help="train | val | test | all"),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the metrics here."),
     tta: str = typer.Option("none", help="none | flip | flip5crop (test-time augmentation)."),
     calibrate: bool = typer.Option(False, help="Fit a temperature on val; store it in the model."),
@@ -43,6 +43,8 @@ def evaluate(
 
     if tta not in TTA_MODES:
         raise TransferlabError(f"--tta takes one of {', '.join(TTA_MODES)}; got {tta!r}")
+    if report_dir is not None and run.suffix.lower() == ".onnx":
+        raise TransferlabError("--report needs the run folder (an exported file has no history)")
     res = evaluate_run(run, data, split=split, tta=tta, calibrate=calibrate)
     report, classes, split = res.report, res.classifier.classes, res.split
     _say_extras(report, split, run)

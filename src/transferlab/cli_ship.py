@@ -30,7 +30,7 @@ def register(app: typer.Typer) -> None:
 
 
 def predict(
-    run: Path = typer.Argument(..., help="A run folder written by `fit`."),
+    run: Path = typer.Argument(..., help="A run folder written by `fit`, or an exported .onnx."),
     sources: list[str] = typer.Argument(..., help="Image files, folders (recursive) or globs."),
     top_k: int = typer.Option(1, help="How many ranked labels per image."),
     output: Path | None = typer.Option(
@@ -52,15 +52,14 @@ def predict(
     With --output rows are flushed after every batch, so an interrupted run can --resume.
     """
     import transferlab
-    from transferlab.predict import PredictionEngine
+    from transferlab.predict import ExportedClassifier, PredictionEngine, is_exported_file
 
     if format not in (None, "table", "csv", "jsonl", "json"):
         raise TransferlabError("--format takes table, csv, jsonl or json")
     if format == "table" and output is not None:
         raise TransferlabError("--format table prints to the terminal; use .csv/.jsonl for files")
-    engine = PredictionEngine(
-        transferlab.load(run), batch_size=batch_size, workers=workers, threshold=threshold
-    )
+    model = ExportedClassifier(run) if is_exported_file(run) else transferlab.load(run)
+    engine = PredictionEngine(model, batch_size=batch_size, workers=workers, threshold=threshold)
     with _exit_cleanly_on_sigterm():
         _predict(engine, sources, output, format, top_k, resume, overwrite)
 

@@ -35,6 +35,23 @@ TTA_MODES: tuple[str, ...] = ("none", "flip", "flip5crop")
 TRACKERS: tuple[str, ...] = ("mlflow",)
 
 
+# Options whose default depends on the strategy (None in FitConfig: "the strategy's"), as data so
+# that --help spells them out and each strategy reads its own from here.
+STRATEGY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "frozen": {"epochs": 50, "lr": 1e-3, "augment": "light"},
+    "finetune": {"epochs": 5, "lr": 1e-3, "augment": "light"},
+    "scratch-basic": {"epochs": 30, "lr": 1e-4, "augment": "none"},
+    "scratch-regularized": {"epochs": 30, "lr": 1e-4, "augment": "none"},
+    "scratch-timm": {"epochs": 30, "lr": 1e-3, "augment": "light"},
+}
+
+
+def _by_strategy(option: str) -> str:
+    """``frozen 50, finetune 5, scratch-basic 30, …`` for the help text."""
+    return ", ".join(f"{name} {d[option]:g}" if isinstance(d[option], float) else
+                     f"{name} {d[option]}" for name, d in STRATEGY_DEFAULTS.items())  # fmt: skip
+
+
 def _opt(default: Any, help: str) -> Any:
     """A config field with its help text: the CLI builds each option from it (``cli.fit``)."""
     return field(default=default, metadata={"help": help})
@@ -65,8 +82,10 @@ class FitConfig:
     batch_size: int = _opt(32, "Images per batch.")
     workers: int | None = _opt(None, "Decode processes (default: all cores).")
     # end-to-end training (frozen / finetune / scratch strategies)
-    epochs: int | None = _opt(None, "Training epochs (end-to-end strategies).")
-    lr: float | None = _opt(None, "Learning rate (head; body gets lr × lr-mult).")
+    epochs: int | None = _opt(None, f"Training epochs. Default: {_by_strategy('epochs')}.")
+    lr: float | None = _opt(
+        None, f"Learning rate (head; body gets lr × lr-mult). Default: {_by_strategy('lr')}."
+    )
     optimizer: str = _opt("adamw", "adamw | sgd | rmsprop")
     schedule: str = _opt("cosine", "cosine | onecycle | step | constant")
     warmup_epochs: float = _opt(0.0, "Linear LR warm-up, in epochs.")
@@ -74,7 +93,9 @@ class FitConfig:
     label_smoothing: float = _opt(0.0, "Cross-entropy label smoothing.")
     patience: int | None = _opt(5, "Early stopping patience (epochs).")
     max_time: float | None = _opt(None, "Training time budget in seconds.")
-    augment: str | None = _opt(None, "none | tutorial | light | strong")
+    augment: str | None = _opt(
+        None, f"none | tutorial | light | strong. Default: {_by_strategy('augment')}."
+    )
     unfreeze: str = _opt("2", "finetune: top stages to unfreeze, or 'all'.")
     lr_mult: float = _opt(0.1, "finetune: body LR multiplier.")
     gradual: bool = _opt(False, "finetune: unfreeze one more stage per epoch.")
@@ -158,6 +179,26 @@ class FitConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def resolved(self, option: str) -> Any:
+        """The option as given, else this strategy's default (``STRATEGY_DEFAULTS``)."""
+        value = getattr(self, option)
+        return STRATEGY_DEFAULTS[self.strategy][option] if value is None else value
+
+    def cli_flags(self) -> list[str]:
+        """The ``fit`` flags that give this config (options left at their default omitted;
+        ``--resume``/``--overwrite`` too: they say what to do with OUT, not how to train)."""
+        flags: list[str] = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("resume", "overwrite") or value == f.default:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(value, bool):
+                flags.append(flag if value else "--no-" + f.name.replace("_", "-"))
+            else:
+                flags += [flag, str(value)]
+        return flags
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FitConfig:

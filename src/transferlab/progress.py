@@ -18,8 +18,17 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-console = Console(stderr=True)  # progress, info and warnings
-out_console = Console(stderr=False)  # results, which users read or pipe
+
+def _console(stderr: bool) -> Console:
+    """A terminal or notebook keeps its width; a pipe or log file gets lines as long as they
+    are (rich's 80 columns would cut table cells: paths truncated to ``…/do…``)."""
+    c = Console(stderr=stderr)
+    return c if c.is_terminal or c.is_jupyter else Console(stderr=stderr, width=_UNBOUNDED)
+
+
+_UNBOUNDED = 10_000  # columns: wider than any row (rich tables only take the width they need)
+console = _console(stderr=True)  # progress, info and warnings
+out_console = _console(stderr=False)  # results, which users read or pipe
 
 
 def say(line: str) -> None:

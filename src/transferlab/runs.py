@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from transferlab.config import FitConfig
 from transferlab.engine import BEST_CKPT, CHECKPOINT_DIR, HISTORY_CSV, LAST_CKPT
 from transferlab.errors import TransferlabError
 from transferlab.heads import build_head
@@ -31,7 +35,13 @@ from transferlab.model import ClassifierNet, build_body
 from transferlab.preprocess import Preprocess
 from transferlab.provenance import seal_run, unseal_run
 from transferlab.run_schema import check_head_shapes, validate_model_meta
-from transferlab.storage import atomic_write_text, load_tensors, read_json, save_tensors
+from transferlab.storage import (
+    atomic_write_text,
+    load_tensors,
+    read_json,
+    save_tensors,
+    write_json,
+)
 from transferlab.system import library_versions
 
 __all__ = [
@@ -52,6 +62,10 @@ CURVES_PNG = "curves.png"
 REPORT_FILE = "report.html"
 PREDICTIONS_FILE = "predictions.csv"
 LADDER_FILE = "ladder.json"
+# A run is built in OUT.partial (checkpoints included) and renamed to OUT when it is complete:
+# a crash, Ctrl-C or full disk never leaves a half run in OUT nor replaces a finished one.
+PARTIAL_SUFFIX = ".partial"
+INCOMPLETE_FILE = "incomplete.json"  # in OUT.partial: what was started and how to resume it
 LADDER_MD = "ladder.md"
 LADDER_PNG = "ladder.png"
 COMPARE_FILE = "compare.json"
@@ -65,8 +79,13 @@ def is_run_dir(path: str | os.PathLike) -> bool:
 
 def check_out_folder(out: str | os.PathLike, *, replace: bool) -> None:
     """Refuse, before any work, an ``--out`` that would lose or mix data: a file, a folder
-    holding something else, or another run (unless ``replace``: --overwrite or --resume)."""
+    holding something else, another run or an interrupted one with checkpoints (unless
+    ``replace``: --overwrite or --resume)."""
     out = Path(out)
+    if not replace and (partial_dir(out) / CHECKPOINT_DIR).is_dir():
+        raise TransferlabError(
+            f"{incomplete_note(out)}; or pass --overwrite to start over (nothing written)"
+        )
     if out.exists() and not out.is_dir():
         raise TransferlabError(
             f"--out {out} is a file; give a folder for the run (nothing written)"
@@ -93,6 +112,69 @@ def next_free(out: Path) -> Path:
     while (out.parent / f"{stem}{n}").exists():
         n += 1
     return out.parent / f"{stem}{n}"
+
+
+def partial_dir(out: str | os.PathLike) -> Path:
+    """Where the run for ``out`` is built: ``runs/x`` → ``runs/x.partial``."""
+    out = Path(out)
+    return out.parent / f"{out.name}{PARTIAL_SUFFIX}"
+
+
+def begin_run(out: str | os.PathLike, data: str | os.PathLike, config: FitConfig) -> Path:
+    """The partial folder to build the run in, marked incomplete with the command that resumes
+    it. ``--resume`` continues what is there (a finished run, or one from before partial
+    folders, moves there first); otherwise any leftover starts over (check_out_folder has
+    refused already when it held checkpoints and --overwrite was not given)."""
+    out, work = Path(out), partial_dir(out)
+    if not config.resume and work.exists():
+        shutil.rmtree(work)
+    if config.resume and not work.exists() and (out / CHECKPOINT_DIR).is_dir():
+        os.rename(out, work)
+    work.mkdir(parents=True, exist_ok=True)
+    data_abs, out_abs = str(Path(data).resolve()), str(out.resolve())
+    write_json(
+        work / INCOMPLETE_FILE,
+        {
+            "out": out_abs,
+            "data": data_abs,
+            "resume": shlex.join(
+                ["transferlab", "fit", data_abs, "--out", out_abs, *config.cli_flags(), "--resume"]
+            ),
+            "resume_python": f"transferlab.fit({data_abs!r}, out={out_abs!r}, ..., resume=True)",
+        },
+    )
+    return work
+
+
+def finish_run(work: Path, out: str | os.PathLike, save: Callable[[Path], Any]) -> Path:
+    """``save`` the run into ``work`` (unmarked first, so the seal does not vouch for the
+    marker), then rename it to ``out``; a run it replaces (--overwrite) is removed only now, so
+    until this moment the old one stays whole."""
+    out = Path(out)
+    (work / INCOMPLETE_FILE).unlink(missing_ok=True)
+    save(work)
+    old = out.parent / f".{out.name}.replaced-{os.getpid()}"
+    if out.exists():
+        os.rename(out, old)
+    os.rename(work, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def incomplete_note(path: str | os.PathLike) -> str | None:
+    """For a run folder that is (or whose OUT.partial is) an interrupted run: where it is and
+    the command that resumes it; None when there is none."""
+    path = Path(path)
+    for folder in (path, partial_dir(path)):
+        marked = (folder / INCOMPLETE_FILE).is_file()
+        if marked or ((folder / CHECKPOINT_DIR).is_dir() and not is_run_dir(folder)):
+            try:
+                marker = read_json(folder / INCOMPLETE_FILE) or {}
+            except TransferlabError:
+                marker = {}
+            resume = marker.get("resume") or f"transferlab fit DATA --out {path} --resume"
+            return f"{folder} is an interrupted run, not finished; resume with: {resume}"
+    return None
 
 
 def read_run_json(run: str | os.PathLike, name: str, default: Any = None) -> Any:
@@ -174,7 +256,8 @@ def _read_meta(path: Path) -> dict[str, Any]:
     meta_path = path / MODEL_FILE
     if not meta_path.is_file():
         raise TransferlabError(
-            f"{path}: not a transferlab model folder (no {MODEL_FILE}); "
+            incomplete_note(path)
+            or f"{path}: not a transferlab model folder (no {MODEL_FILE}); "
             "pass the --out folder of a `transferlab fit` run"
         )
     try:
@@ -200,6 +283,9 @@ def run_rows(root: str | os.PathLike) -> list[dict[str, Any]]:
     val/test accuracy with its 95% CI, and training time; unreadable records leave blanks."""
     rows = []
     for run in _run_folders(Path(root)):
+        if (run / INCOMPLETE_FILE).is_file():
+            rows.append(_incomplete_row(run))
+            continue
         meta_path = run / MODEL_FILE
         try:
             meta = read_json(meta_path) or {}
@@ -209,6 +295,7 @@ def run_rows(root: str | os.PathLike) -> list[dict[str, Any]]:
             meta, metrics, data = {}, {}, {}
         row: dict[str, Any] = {
             "run": str(run),
+            "status": "complete",
             "date": _iso(meta_path.stat().st_mtime),
             "strategy": meta.get("strategy"),
             "backbone": (meta.get("body") or {}).get("spec"),
@@ -224,12 +311,28 @@ def run_rows(root: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
+def _incomplete_row(run: Path) -> dict[str, Any]:
+    """An interrupted run's row: where it is and the command that resumes it."""
+    try:
+        marker = read_json(run / INCOMPLETE_FILE) or {}
+    except TransferlabError:
+        marker = {}
+    return {
+        "run": str(run),
+        "status": "incomplete",
+        "date": _iso((run / INCOMPLETE_FILE).stat().st_mtime),
+        "data": marker.get("data"),
+        "resume": marker.get("resume"),
+    }
+
+
 def _run_folders(root: Path) -> list[Path]:
-    """Run folders under root, not descending into one (checkpoints/) nor into an MLflow store
-    or hidden folder, whose artifact copies of runs would be listed twice."""
+    """Run folders (finished, or interrupted ones in OUT.partial) under root, not descending
+    into one (checkpoints/) nor into an MLflow store or hidden folder, whose artifact copies of
+    runs would be listed twice."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
-        if MODEL_FILE in filenames:
+        if MODEL_FILE in filenames or INCOMPLETE_FILE in filenames:
             found.append(Path(dirpath))
             dirnames.clear()
         dirnames[:] = [d for d in dirnames if d != "mlruns" and not d.startswith(".")]

@@ -15,6 +15,7 @@ from PIL import Image
 from transferlab.data import loader
 from transferlab.data.images import load_image, png_bytes
 from transferlab.errors import ImageError, TransferlabError
+from transferlab.predict.exported import ExportedClassifier
 from transferlab.predict.output import (
     already_done,
     make_writer,
@@ -86,7 +87,7 @@ class PredictionEngine:
 
     def __init__(
         self,
-        classifier: Classifier,
+        classifier: Classifier | ExportedClassifier,
         *,
         batch_size: int = 32,
         workers: int | None = None,
@@ -104,24 +105,27 @@ class PredictionEngine:
         self.batch_size = batch_size
         self.threshold = threshold
         self.chunk_size = max(chunk_size, batch_size)
-        # Shared with the classifier (same runtime, built once); its settings are left alone.
-        self._extractor = classifier.extractor(batch_size=batch_size)
-        self.workers = self._extractor.workers if workers is None else workers
-        self.max_pixels = int(max_pixels or self._extractor.max_pixels)
+        if isinstance(classifier, ExportedClassifier):
+            self._extractor = None
+            self.preprocess: Preprocess = classifier.preprocess
+            default_workers, default_pixels = None, classifier.max_pixels
+        else:
+            # Shared with the classifier (same runtime, built once); its settings left alone.
+            self._extractor = classifier.extractor(batch_size=batch_size)
+            self.preprocess = classifier.saved.preprocess
+            default_workers, default_pixels = self._extractor.workers, self._extractor.max_pixels
+        self.workers = default_workers if workers is None else workers
+        self.max_pixels = int(max_pixels or default_pixels)
 
     @property
     def classes(self) -> list[str]:
         return self.classifier.classes
 
-    @property
-    def preprocess(self) -> Preprocess:
-        return self.classifier.saved.preprocess
-
     def warm_up(self) -> str:
         """Build the runtime now (export + parity check) instead of on the first request."""
         h, w = self.preprocess.input_size
         self.infer(np.zeros((1, 3, h, w), dtype=np.uint8))
-        return self._extractor.runtime.engine
+        return self.classifier.engine if self._extractor is None else self._extractor.runtime.engine
 
     # -- tensors ---------------------------------------------------------------------------
 
@@ -129,6 +133,8 @@ class PredictionEngine:
         """uint8 (n, 3, H, W) at the model's input size → probabilities (n, C), float32."""
         if len(images) == 0:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
+        if self._extractor is None:
+            return self.classifier.probs(images)
         features = self._extractor.runtime(images)
         return self.classifier._head_probs(features).astype(np.float32, copy=False)
 

@@ -47,7 +47,7 @@ def _iter_plan(plan: list[tuple[str, str]]) -> Iterator[str]:
             yield from _walk(src)
         else:
             matched = False
-            for m in glob.iglob(src, recursive=True):
+            for m in sorted(glob.iglob(src, recursive=True)):
                 if os.path.isfile(m):
                     matched = True
                     yield m
@@ -56,36 +56,38 @@ def _iter_plan(plan: list[tuple[str, str]]) -> Iterator[str]:
 
 
 def _walk(root: str) -> Iterator[str]:
-    """Image files under ``root``, depth first, holding one open directory per level.
+    """Image files under ``root``, depth first, each folder in name order (the same order on
+    every filesystem and run), holding one folder's listing per level in memory.
 
     Every path that cannot be predicted is named on stderr with the reason (dangling or looping
     link, unreadable folder, unsupported image format), never dropped without a word.
     """
-    stack = [(root, os.scandir(root))]
+    stack = [_listing(root)]
+    while stack:
+        entry = next(stack[-1], None)
+        if entry is None:
+            stack.pop()
+            continue
+        if entry.name.startswith("."):
+            continue
+        path = _walk_entry(entry)
+        if path == _DESCEND:
+            stack.append(_listing(entry.path))
+        elif path is not None:
+            yield path
+
+
+def _listing(folder: str) -> Iterator[os.DirEntry[str]]:
+    """The folder's entries sorted by name; an unreadable folder is said, and is empty."""
+    entries: list[os.DirEntry[str]] = []
     try:
-        while stack:
-            folder, it = stack[-1]
-            try:
-                entry = next(it, None)
-            except OSError as exc:  # the folder became unreadable while listing it
-                warn(f"{printable_path(folder)}: listing stopped ({exc.strerror or exc})")
-                entry = None
-            if entry is None:
-                stack.pop()[1].close()
-                continue
-            if entry.name.startswith("."):
-                continue
-            path = _walk_entry(entry)
-            if path == _DESCEND:
-                try:
-                    stack.append((entry.path, os.scandir(entry.path)))
-                except OSError as exc:
-                    warn(f"{printable_path(entry.path)}: unreadable folder ({exc.strerror or exc})")
-            elif path is not None:
-                yield path
-    finally:
-        for _, it in stack:
-            it.close()
+        with os.scandir(folder) as it:
+            for entry in it:
+                entries.append(entry)
+    except OSError as exc:
+        what = "listing stopped" if entries else "unreadable folder"
+        warn(f"{printable_path(folder)}: {what} ({exc.strerror or exc})")
+    return iter(sorted(entries, key=lambda e: e.name))
 
 
 _DESCEND = "\0descend"

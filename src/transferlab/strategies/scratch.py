@@ -42,6 +42,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from transferlab.config import STRATEGY_DEFAULTS
 from transferlab.engine import Stage
 from transferlab.heads import build_head
 from transferlab.preprocess import Preprocess
@@ -58,10 +59,9 @@ __all__ = [
 ]
 
 DEFAULT_IMAGE_SIZE = 150  # the tutorial's
-DEFAULT_EPOCHS = 30
-DEFAULT_LR = 1e-3
-# the tutorial CNNs (scratch-basic / scratch-regularized)
-CNN_LR = 1e-4
+# epochs, lr and augmentation default per strategy: config.STRATEGY_DEFAULTS
+DEFAULT_EPOCHS = STRATEGY_DEFAULTS["scratch-basic"]["epochs"]
+CNN_LR = STRATEGY_DEFAULTS["scratch-basic"]["lr"]  # the tutorial CNNs (basic / regularized)
 # every scratch strategy: best epoch / early stopping by val accuracy, not before MIN_EPOCHS
 MONITOR = "val_acc"
 MIN_EPOCHS = 10
@@ -73,11 +73,9 @@ def _linear_head(in_features: int, num_classes: int) -> tuple[torch.nn.Module, d
     return build_head(spec), spec
 
 
-def _stage(ctx: StrategyContext, name: str, default_lr: float) -> Stage:
+def _stage(ctx: StrategyContext, name: str) -> Stage:
     cfg = ctx.config
-    epochs = DEFAULT_EPOCHS if cfg.epochs is None else cfg.epochs
-    lr = default_lr if cfg.lr is None else cfg.lr
-    return Stage(name, epochs, "all", lr=lr, bn="train")
+    return Stage(name, cfg.resolved("epochs"), "all", lr=cfg.resolved("lr"), bn="train")
 
 
 def keras_init(module: nn.Module) -> nn.Module:
@@ -107,8 +105,8 @@ def _prepare_cnn(ctx: StrategyContext, name: str) -> TrainSetup:
     return TrainSetup(
         net=ClassifierNet(body, head),
         preprocess=preprocess,
-        stages=[_stage(ctx, f"scratch-{name}", CNN_LR)],
-        augment="none" if cfg.augment is None else cfg.augment,
+        stages=[_stage(ctx, f"scratch-{name}")],
+        augment=cfg.resolved("augment"),
         body={"spec": f"scratch:{name}", "recipe": recipe},
         head=spec,
         monitor=MONITOR,
@@ -142,8 +140,8 @@ def prepare_timm(ctx: StrategyContext) -> TrainSetup:
     return TrainSetup(
         net=ClassifierNet(backbone.model, head),
         preprocess=preprocess,
-        stages=[_stage(ctx, "scratch-timm", DEFAULT_LR)],
-        augment="light" if cfg.augment is None else cfg.augment,
+        stages=[_stage(ctx, "scratch-timm")],
+        augment=cfg.resolved("augment"),
         body=body_record(backbone, frozen=False),
         head=spec,
         monitor=MONITOR,
