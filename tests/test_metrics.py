@@ -257,3 +257,6 @@ def test_format_report_table_renders_classes_and_accuracy_line():
     assert f"{rep['per_class']['dog']['f1']:.3f}" in text
     assert f"{rep['accuracy']:.1%}" in text
     assert math.isfinite(rep["balanced_accuracy"])
+    # the summary is one whole line, not a caption wrapped and padded to the table's width
+    (line,) = [row for row in text.splitlines() if "balanced accuracy" in row]
+    assert line.startswith("accuracy ") and line.endswith(f"n = {rep['n']}")

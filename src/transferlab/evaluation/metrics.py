@@ -23,7 +23,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from transferlab.errors import TransferlabError
 from transferlab.evaluation.stats import (
@@ -163,9 +165,10 @@ def _top_k_accuracy(y_true: np.ndarray, probs: np.ndarray, top_k: int) -> dict[s
     return top_k_acc
 
 
-def format_report_table(report: dict, classes: Sequence[str], title: str) -> Table:
-    """A rich Table: one row per class (P/R/F1/support), macro average and accuracy rows, and a
-    caption with accuracy, its 95% CI and balanced accuracy."""
+def format_report_table(report: dict, classes: Sequence[str], title: str) -> Group:
+    """A rich Table: one row per class (P/R/F1/support), macro average and accuracy rows; then
+    one line with accuracy, its 95% CI and balanced accuracy (a line, not a caption: a caption
+    is wrapped and padded to the table's width, which breaks it into space-padded pieces)."""
     table = Table(title=title, title_justify="left")
     table.add_column("class", style="bold")
     for name in ("precision", "recall", "f1", "support"):
@@ -191,10 +194,9 @@ def format_report_table(report: dict, classes: Sequence[str], title: str) -> Tab
         )
     table.add_row("accuracy", "", "", f"{report['accuracy']:.3f}", str(n))
     lo, hi = report["accuracy_ci95"]
-    table.caption = (
+    line = (
         f"accuracy {report['accuracy']:.1%} (95% CI {lo:.1%}-{hi:.1%}, "
         f"{report.get('ci_method', 'wilson')}) | balanced accuracy "
         f"{report['balanced_accuracy']:.1%} | n = {n}"
     )
-    table.caption_justify = "left"
-    return table
+    return Group(table, Text(line))
