@@ -18,8 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from transferlab.backbones import Backbone, create_backbone
-from transferlab.cache import FeatureCache
+from transferlab.backbones import Backbone
 from transferlab.config import FitConfig, config_from, with_options
 from transferlab.data.prepared import PreparedData, Split, prepare_data
 from transferlab.errors import TransferlabError
@@ -32,7 +31,6 @@ from transferlab.evaluation.scoring import (
     head_logits,
     prepare_run_data,
 )
-from transferlab.extract import FeatureExtractor
 from transferlab.model import softmax
 from transferlab.predict import ExportedClassifier, is_exported_file
 from transferlab.progress import progress, verbosity, warn
@@ -58,7 +56,9 @@ from transferlab.strategies import (
     STRATEGIES,
     StrategyContext,
     StrategyResult,
+    feature_extractor,
     ignored_options,
+    strategy_context,
 )
 from transferlab.system import is_rank_zero
 from transferlab.tracking import finish_fit
@@ -68,39 +68,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def feature_extractor(backbone: Backbone, config: dict[str, Any] | FitConfig) -> FeatureExtractor:
-    """The backbone on its fastest runtime, with the feature cache that ``config`` names."""
-    cfg = config.to_dict() if isinstance(config, FitConfig) else config
-    cache_dir = cfg.get("cache_dir")
-    return FeatureExtractor(
-        backbone,
-        cache=FeatureCache(Path(cache_dir) if cache_dir else None),
-        engine=cfg.get("engine", "auto"),
-        batch_size=cfg.get("batch_size", 32),
-        workers=cfg.get("workers"),
-        max_pixels=cfg.get("max_pixels", 89_478_485),
-    )
-
-
-def strategy_context(prepared: PreparedData, config: FitConfig, out: Path) -> StrategyContext:
-    """What a strategy (or lr-find) gets: the splits, the config, the run folder, and for a
-    pretrained strategy the backbone and its extractor, built here once."""
-    ctx = StrategyContext(
-        classes=prepared.classes,
-        train=prepared.splits["train"],
-        val=prepared.splits.get("val"),
-        test=prepared.splits.get("test"),
-        config=config,
-        out=out,
-    )
-    if STRATEGIES[config.strategy].needs_backbone:
-        t0 = time.perf_counter()
-        ctx.backbone = create_backbone(config.backbone, pretrained=config.pretrained)
-        ctx.timings["backbone_s"] = time.perf_counter() - t0
-        ctx.extractor = feature_extractor(ctx.backbone, config)
-    return ctx
 
 
 def fit(

@@ -311,9 +311,9 @@ def lr_find(
 ) -> None:
     """LR range test on the network the strategy would train; the model is restored after."""
     cfg = _config(options).validate()
-    from transferlab.api import strategy_context
     from transferlab.data.prepared import prepare_data
     from transferlab.lr_find import lr_find_strategy
+    from transferlab.strategies import strategy_context
 
     result = lr_find_strategy(strategy_context(prepare_data(data, cfg), cfg, out.parent), out)
     for name, lr in result["suggestions"].items():

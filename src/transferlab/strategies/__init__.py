@@ -9,22 +9,27 @@ strategy touches its own module and one entry here.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+from transferlab.backbones import create_backbone
 from transferlab.config import FitConfig
+from transferlab.data.prepared import PreparedData
 from transferlab.strategies import features, finetune, frozen, scratch
 from transferlab.strategies.base import (
     StrategyContext,
     StrategyResult,
     TrainSetup,
     body_record,
+    feature_extractor,
     run_setup,
 )
 
 __all__ = [
     "STRATEGIES", "StrategyContext", "StrategyResult", "StrategySpec", "TrainSetup",
-    "body_record", "ignored_options", "run_setup",
+    "body_record", "feature_extractor", "ignored_options", "run_setup", "strategy_context",
 ]  # fmt: skip
 
 
@@ -90,3 +95,22 @@ def ignored_options(config: FitConfig) -> list[str]:
         for name in STRATEGIES[config.strategy].ignores
         if getattr(config, name) != getattr(defaults, name)
     )
+
+
+def strategy_context(prepared: PreparedData, config: FitConfig, out: Path) -> StrategyContext:
+    """What a strategy (or lr-find, or a ranking) gets: the splits, the config, the run folder,
+    and for a pretrained strategy the backbone and its extractor, built here once."""
+    ctx = StrategyContext(
+        classes=prepared.classes,
+        train=prepared.splits["train"],
+        val=prepared.splits.get("val"),
+        test=prepared.splits.get("test"),
+        config=config,
+        out=out,
+    )
+    if STRATEGIES[config.strategy].needs_backbone:
+        t0 = time.perf_counter()
+        ctx.backbone = create_backbone(config.backbone, pretrained=config.pretrained)
+        ctx.timings["backbone_s"] = time.perf_counter() - t0
+        ctx.extractor = feature_extractor(ctx.backbone, config)
+    return ctx

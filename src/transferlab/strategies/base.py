@@ -14,7 +14,9 @@ from typing import Any
 import numpy as np
 
 from transferlab.backbones import Backbone, timm_body_recipe
+from transferlab.cache import FeatureCache
 from transferlab.config import FitConfig
+from transferlab.data.images import MAX_PIXELS
 from transferlab.data.prepared import Split
 from transferlab.engine import Stage, train
 from transferlab.errors import TransferlabError
@@ -24,8 +26,23 @@ from transferlab.preprocess import Preprocess
 from transferlab.storage import state_digest
 
 __all__ = [
-    "StrategyContext", "StrategyResult", "TrainSetup", "body_record", "run_setup",
+    "StrategyContext", "StrategyResult", "TrainSetup", "body_record", "feature_extractor",
+    "run_setup",
 ]  # fmt: skip
+
+
+def feature_extractor(backbone: Backbone, config: dict[str, Any] | FitConfig) -> FeatureExtractor:
+    """The backbone on its fastest runtime, with the feature cache that ``config`` names."""
+    cfg = config.to_dict() if isinstance(config, FitConfig) else config
+    cache_dir = cfg.get("cache_dir")
+    return FeatureExtractor(
+        backbone,
+        cache=FeatureCache(Path(cache_dir) if cache_dir else None),
+        engine=cfg.get("engine", "auto"),
+        batch_size=cfg.get("batch_size", 32),
+        workers=cfg.get("workers"),
+        max_pixels=cfg.get("max_pixels", MAX_PIXELS),
+    )
 
 
 @dataclass
