@@ -1,15 +1,20 @@
-"""Feature cache: hits/misses, namespace isolation, corruption detection, concurrent writers."""
+"""Feature cache: hits/misses, namespace isolation, corruption detection, concurrent writers,
+packs (few files, streaming reads), the old one-file-per-image entries, compaction."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import multiprocessing as mp
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from transferlab.cache import FeatureCache, default_cache_dir
+from transferlab.cache.records import key_of
 
 
 def _digest(i: int) -> str:
@@ -20,8 +25,20 @@ def _features(i: int, dim: int = 1280) -> np.ndarray:
     return np.random.default_rng(i).standard_normal(dim).astype(np.float32)
 
 
-def _entry(store, digest: str) -> Path:
-    return store.path / digest[:2] / f"{digest}.feat"
+def _packs(store) -> list[Path]:
+    return sorted((store.path / "packs").glob("*.pack"))
+
+
+def _write_old_entry(store, digest: str, array: np.ndarray, owner: str | None = None) -> Path:
+    """An entry in the first cache format (one TLF1 file per image), as older versions wrote."""
+    header = json.dumps({"dtype": array.dtype.str, "shape": list(array.shape),
+                         "digest": owner or digest}).encode()  # fmt: skip
+    header += b" " * ((-(8 + len(header))) % 64)
+    body = b"TLF1" + struct.pack("<I", len(header)) + header + array.tobytes()
+    path = store.path / digest[:2] / f"{digest}.feat"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(body + struct.pack("<I", zlib.crc32(body)))
+    return path
 
 
 def test_default_cache_dir_honours_env(monkeypatch, tmp_path):
@@ -78,35 +95,120 @@ def test_rejects_non_digest_keys_and_object_arrays(tmp_path):
         store.put_many({_digest(0): np.array([object()])})
 
 
-@pytest.mark.parametrize(
-    "damage",
-    ["truncate", "flip_payload", "flip_header", "append", "empty", "garbage"],
-)
-def test_corrupt_entry_is_a_miss_and_gets_replaced(tmp_path, damage):
+@pytest.mark.parametrize("damage", ["flip_payload", "flip_header", "flip_digest", "zero"])
+def test_damaged_record_is_a_miss_and_the_recomputed_one_is_read(tmp_path, damage):
     store = FeatureCache(tmp_path).namespace("x")
     key, value = _digest(7), _features(7)
+    store.put_many({_digest(6): _features(6)})
     store.put_many({key: value, _digest(8): _features(8)})
-    path = _entry(store, key)
-    blob = bytearray(path.read_bytes())
-    if damage == "truncate":
-        blob = blob[: len(blob) // 2]
-    elif damage == "flip_payload":
-        blob[len(blob) - 100] ^= 0x01
-    elif damage == "flip_header":
-        blob[12] ^= 0x20
-    elif damage == "append":
-        blob += b"\0\0\0\0"
-    elif damage == "empty":
-        blob = bytearray()
+    (pack,) = _packs(store)
+    blob = bytearray(pack.read_bytes())
+    rec = len(blob) // 3  # three records of one size: the middle one is `key`'s
+    at = {"flip_payload": 2 * rec - 100, "flip_header": rec + 9, "flip_digest": rec + 50}
+    if damage == "zero":
+        blob[rec : 2 * rec] = bytes(rec)
     else:
-        blob = bytearray(b"TLF1" + b"\xff" * 64)
-    path.write_bytes(bytes(blob))
+        blob[at[damage]] ^= 0x01
+    pack.write_bytes(bytes(blob))
 
-    got = store.get_many([key, _digest(8)])
-    assert key not in got and _digest(8) in got  # never returned, neighbours unaffected
-    assert not path.exists()  # dropped, so the recomputed value takes its place
-    store.put_many({key: value})
-    np.testing.assert_array_equal(store.get_many([key])[key], value)
+    fresh = FeatureCache(tmp_path).namespace("x")  # another process's view of the same pack
+    got = fresh.get_many([_digest(6), key, _digest(8)])
+    assert set(got) == {_digest(6), _digest(8)}  # never returned, neighbours unaffected
+    fresh.put_many({key: value})  # the caller recomputes it
+    np.testing.assert_array_equal(fresh.get_many([key])[key], value)
+    third = FeatureCache(tmp_path).namespace("x")  # a later process: skips the damaged copy
+    np.testing.assert_array_equal(third.get_many([key])[key], value)
+
+
+def test_truncated_pack_tail_keeps_earlier_records(tmp_path):
+    store = FeatureCache(tmp_path).namespace("x")
+    items = {_digest(i): _features(i, 64) for i in range(10)}
+    store.put_many(items)
+    (pack,) = _packs(store)
+    pack.write_bytes(pack.read_bytes()[:-50])  # a crash in the middle of the last record
+    got = FeatureCache(tmp_path).namespace("x").get_many(list(items))
+    assert set(got) == set(list(items)[:9])
+    pack.with_suffix(".idx").unlink()  # and a lost index: rebuilt by scanning the pack
+    got = FeatureCache(tmp_path).namespace("x").get_many(list(items))
+    assert set(got) == set(list(items)[:9])
+    for k in got:
+        np.testing.assert_array_equal(got[k], items[k])
+
+
+def test_record_of_another_digest_is_a_miss(tmp_path):
+    store = FeatureCache(tmp_path).namespace("x")
+    a, b = "a" * 64, "b" * 64
+    store.put_many({a: np.ones(4, np.float32)})
+    idx = _packs(store)[0].with_suffix(".idx")
+    entry = np.fromfile(idx, dtype=np.uint64, count=1)
+    forged = idx.read_bytes()
+    idx.write_bytes(forged + struct.pack("<Q", key_of(b)) + forged[8:])  # b's key -> a's record
+    assert entry[0] == key_of(a)
+    got = FeatureCache(tmp_path).namespace("x").get_many([a, b])
+    assert list(got) == [a]
+
+
+def test_read_into_streams_rows_and_returns_the_hit_mask(tmp_path):
+    store = FeatureCache(tmp_path).namespace("x")
+    items = {_digest(i): _features(i, 32) for i in range(50)}
+    store.put_many(dict(list(items.items())[:30]))
+    store.put_many(dict(list(items.items())[30:]))
+    wanted = [_digest(3), _digest(99), _digest(40), _digest(3), _digest(0)]
+    out = np.lib.format.open_memmap(tmp_path / "m.npy", "w+", np.float32, (5, 32))
+    out[:] = -1
+    ok = store.read_into(wanted, out)
+    assert ok.tolist() == [True, False, True, True, True]
+    for row, d in enumerate(wanted):
+        np.testing.assert_array_equal(out[row], items[d] if ok[row] else np.full(32, -1.0))
+    with pytest.raises(ValueError, match="rows"):
+        store.read_into(wanted, out[:2])
+
+
+def test_many_entries_make_few_files_and_survive_reopening(tmp_path):
+    store = FeatureCache(tmp_path).namespace("x")
+    n = 5000
+    for start in range(0, n, 32):  # batch by batch, as extraction writes
+        store.put_many({_digest(i): _features(i, 16) for i in range(start, min(start + 32, n))})
+    files = [p for p in store.path.rglob("*") if p.is_file()]
+    assert len(files) == 2  # one pack and its index
+    out = np.zeros((n, 16), np.float32)
+    assert (
+        FeatureCache(tmp_path).namespace("x").read_into([_digest(i) for i in range(n)], out).all()
+    )
+    np.testing.assert_array_equal(out[4321], _features(4321, 16))
+
+
+def test_old_one_file_entries_are_read_and_moved_into_a_pack(tmp_path):
+    store = FeatureCache(tmp_path).namespace("x")
+    old = {_digest(i): _features(i, 8) for i in range(3)}
+    paths = [_write_old_entry(store, d, a) for d, a in old.items()]
+    misfiled = _write_old_entry(store, _digest(5), _features(5, 8), owner=_digest(6))
+    got = store.get_many([*old, _digest(5)])
+    assert set(got) == set(old)  # an entry naming another image is a miss
+    for d, a in old.items():
+        np.testing.assert_array_equal(got[d], a)
+    assert not any(p.exists() for p in [*paths, misfiled])  # moved (or dropped)
+    got = FeatureCache(tmp_path).namespace("x").get_many(list(old))
+    assert set(got) == set(old) and len(_packs(store)) == 1
+
+
+def test_compaction_merges_finished_packs_and_old_entries(tmp_path):
+    cache = FeatureCache(tmp_path)
+    for part in range(3):  # three runs, three packs, overlapping digests
+        writer = cache.namespace("x")
+        writer.put_many({_digest(i): _features(i, 8) for i in range(part * 5, part * 5 + 10)})
+        writer.close()
+    live = cache.namespace("x")
+    live.put_many({_digest(100): _features(100, 8)})  # a writer still at work: left alone
+    _write_old_entry(live, _digest(200), _features(200, 8))
+    done = cache.namespace("x").compact()
+    assert done == {"packs": 3, "records": 20, "dropped": 10, "migrated": 1}
+    assert len(_packs(live)) == 2  # the merged pack and the live one
+    assert not any(p.is_dir() and p.name != "packs" for p in live.path.iterdir())
+    wanted = [_digest(i) for i in [*range(20), 100, 200]]
+    got = cache.namespace("x").get_many(wanted)
+    assert set(got) == set(wanted)
+    np.testing.assert_array_equal(got[_digest(200)], _features(200, 8))
 
 
 def _writer(root: str, worker: int, rounds: int, n: int, barrier) -> None:
@@ -141,4 +243,45 @@ def test_concurrent_writers_leave_a_valid_cache(tmp_path):
         np.testing.assert_array_equal(got[_digest(i)], _features(i, 256))
     own = [_digest(10_000 * (w + 1) + r) for w in range(2) for r in range(rounds)]
     assert len(store.get_many(own)) == len(own)
-    assert not list(store.path.rglob(".tmp-*"))  # no temp files left behind
+    assert len(_packs(store)) == 2  # one pack per writer, never shared
+
+
+def test_cache_info_prune_and_compact_treat_a_pack_and_its_index_as_one(tmp_path):
+    from transferlab.cache_admin import cache_info, compact_cache, prune_cache
+
+    cache = FeatureCache(tmp_path)
+    for part in range(2):
+        store = cache.namespace("x")
+        store.put_many({_digest(i): _features(i, 8) for i in range(part * 4, part * 4 + 6)})
+        store.close()
+    info = cache_info(tmp_path)
+    assert info.files == 4 and info.entries == 12
+    assert compact_cache(tmp_path) == {"packs": 2, "records": 10, "dropped": 2, "migrated": 0}
+    info = cache_info(tmp_path)
+    assert info.files == 2 and info.entries == 10
+    done = prune_cache(tmp_path, max_bytes=0)
+    assert done["files"] == 2 and done["kept_bytes"] == 0
+    assert cache.namespace("x").get_many([_digest(0)]) == {}
+
+
+def test_cache_commands_say_files_and_features(tmp_path):
+    """`transferlab cache info` counts files and features apart (packs hold many), and
+    `cache compact` merges the packs."""
+    import subprocess
+    import sys
+
+    cache = FeatureCache(tmp_path)
+    for part in range(2):
+        store = cache.namespace("x")
+        store.put_many({_digest(i): _features(i, 8) for i in range(part * 4, part * 4 + 6)})
+        store.close()
+
+    def tl(*args):
+        cmd = [sys.executable, "-m", "transferlab", "cache", *args, "--cache-dir", str(tmp_path)]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+    r = tl("info")
+    assert r.returncode == 0 and "in 4 files (12 features)" in r.stdout, r.stdout + r.stderr
+    r = tl("compact")
+    assert r.returncode == 0 and "merged 2 packs: 10 features kept, 2 dropped" in r.stdout
+    assert "in 2 files (10 features)" in tl("info").stdout

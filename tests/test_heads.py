@@ -233,3 +233,62 @@ def test_user_mistakes_raise_transferlab_error():
         fit_head("linear", x, y, None, None, num_classes=3, class_weight="inverse")
     with pytest.raises(TransferlabError, match="kind"):
         build_head({"kind": "tree", "in_features": 3, "num_classes": 2})
+
+
+def _memmap(path, x: np.ndarray) -> np.ndarray:
+    """``x`` written to an .npy file and opened again read-only (as a large feature matrix is)."""
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=x.shape)
+    out[:] = x
+    out.flush()
+    del out
+    return np.load(path, mmap_mode="r")
+
+
+def test_minibatch_linear_on_a_memmap_is_as_accurate_as_lbfgs(tmp_path):
+    x, y = blobs(6000, 48, 3, sep=3.0, seed=21)  # overlapping classes: accuracy ~0.9, not 1
+    xv, yv = blobs(2000, 48, 3, sep=3.0, seed=22)
+    xm = _memmap(tmp_path / "x.npy", x)
+    opts = {"l2_grid": (1e-1, 1e-2, 1e-3)}
+    exact = fit_head("linear", x, y, xv, yv, num_classes=3, solver="lbfgs", **opts)
+    opts_mb = {**opts, "solver": "minibatch", "epochs": 4, "batch_size": 256}
+    fast = fit_head("linear", xm, y, xv, yv, num_classes=3, **opts_mb)
+    assert exact.spec["solver"] == "lbfgs" and fast.spec["solver"] == "minibatch"
+    assert val_accuracy(exact, xv, yv) > 0.8
+    assert abs(val_accuracy(fast, xv, yv) - val_accuracy(exact, xv, yv)) <= 0.01
+    chosen = next(r for r in fast.history if r["selected"])
+    assert chosen["val_loss"] == pytest.approx(min(r["val_loss"] for r in fast.history))
+    assert chosen["val_loss"] < exact.history[0]["val_loss"] + 0.02  # near the exact optimum
+    again = fit_head("linear", xm, y, xv, yv, num_classes=3, **opts_mb)
+    assert torch.equal(again.module.net.weight, fast.module.net.weight)  # seeded
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        lines = f.read().splitlines()
+    for line in lines:
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(field)
+
+
+@pytest.mark.parametrize("solver", ["lbfgs", "minibatch"])
+def test_fit_on_a_memmap_makes_no_copy_of_the_matrix(tmp_path, solver):
+    x, y = blobs(80_000, 256, 2, sep=3.0, seed=23)
+    xm = _memmap(tmp_path / "x.npy", x)
+    size = x.nbytes  # 82 MB
+    del x
+    opts = {"l2": 1e-2, "max_iter": 10} if solver == "lbfgs" else {"l2": 1e-2, "epochs": 1}
+    # first-call costs (lazy imports, thread pools, allocator arenas: ~100 MB) are not the data's
+    fit_head("linear", xm[:500], y[:500], None, None, num_classes=2, solver=solver, **opts)
+    try:  # "5" resets the peak RSS (VmHWM) to the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pytest.skip("needs Linux /proc/self/clear_refs")
+    before = _rss_kib("VmRSS")
+    head = fit_head("linear", xm, y, None, None, num_classes=2, solver=solver, **opts)
+    growth = (_rss_kib("VmHWM") - before) * 1024
+    # Reading the memmap maps its pages (one matrix size, page cache) and the chunked statistics
+    # take 8 MB; a float64 copy would add two more matrix sizes, a float32 copy one.
+    assert growth < 1.6 * size, f"peak grew by {growth / size:.2f}x the matrix"
+    assert val_accuracy(head, xm[:2000], y[:2000]) > 0.9

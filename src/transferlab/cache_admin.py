@@ -1,8 +1,10 @@
-"""``transferlab cache info|prune``: what the feature cache holds, and trimming it.
+"""``transferlab cache info|prune|compact``: what the feature cache holds, trimming it, and
+merging its packs.
 
-The layout is :mod:`transferlab.cache`'s: ``features/<namespace>/<xx>/<digest>.feat`` (one per
-image and backbone identity) and ``exports/*.onnx`` (one graph per backbone). Every entry can be
-recomputed, so pruning only costs time: the least recently used go first.
+The layout is :mod:`transferlab.cache`'s: ``features/<namespace>/packs/*.pack`` (+ ``.idx``,
+records appended by one writer each), old ``features/<namespace>/<xx>/<digest>.feat`` entries,
+and ``exports/*.onnx`` (one graph per backbone). Every entry can be recomputed, so pruning only
+costs time: the least recently used files go first, a pack together with its index.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transferlab.cache import FeatureCache
+from transferlab.cache import FeatureCache, FeatureStore
+from transferlab.cache.packs import INDEX_SUFFIX, PACK_SUFFIX
+from transferlab.cache.records import INDEX
 from transferlab.errors import TransferlabError
 
-__all__ = ["CacheInfo", "cache_info", "parse_age", "parse_size", "prune_cache"]
+__all__ = ["CacheInfo", "cache_info", "compact_cache", "parse_age", "parse_size", "prune_cache"]
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
@@ -34,24 +38,42 @@ class CacheInfo:
     namespaces: dict[str, dict[str, int]] = field(default_factory=dict)  # name → bytes, files
     exports: dict[str, int] = field(default_factory=lambda: {"bytes": 0, "files": 0})
     oldest_s: float | None = None  # age of the least recently used entry
+    entries: int = 0  # feature records (pack records + old one-file entries; repeats count)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
-def _entries(root: Path) -> list[tuple[Path, int, float]]:
-    """(path, size, last use) of every cache file; last use = max(atime, mtime)."""
+def _entries(root: Path) -> list[tuple[list[Path], int, float]]:
+    """(paths, size, last use) of every cache file, a pack and its index as one; last use =
+    max(atime, mtime)."""
     out = []
     for sub in ("features", "exports"):
         for dirpath, _, names in os.walk(root / sub):
             for name in names:
                 p = Path(dirpath) / name
-                try:
-                    st = p.stat()
-                except OSError:
-                    continue
-                out.append((p, st.st_size, max(st.st_atime, st.st_mtime)))
+                if name.endswith(INDEX_SUFFIX) and p.with_suffix(PACK_SUFFIX).exists():
+                    continue  # counted with its pack
+                paths = [p, p.with_suffix(INDEX_SUFFIX)] if name.endswith(PACK_SUFFIX) else [p]
+                size, used = 0, 0.0
+                for q in paths:
+                    try:
+                        st = q.stat()
+                    except OSError:
+                        continue
+                    size += st.st_size
+                    used = max(used, st.st_atime, st.st_mtime)
+                if used:
+                    out.append((paths, size, used))
     return out
+
+
+def _records(paths: list[Path]) -> int:
+    if paths[0].suffix == PACK_SUFFIX:
+        with contextlib.suppress(OSError):
+            return paths[1].stat().st_size // INDEX.itemsize
+        return 0
+    return int(paths[0].suffix == ".feat")
 
 
 def cache_info(root: str | os.PathLike | None = None) -> CacheInfo:
@@ -59,16 +81,17 @@ def cache_info(root: str | os.PathLike | None = None) -> CacheInfo:
     cache_root = FeatureCache(Path(root) if root else None).root
     info = CacheInfo(root=str(cache_root), exists=cache_root.is_dir())
     now = time.time()
-    for path, size, used in _entries(cache_root):
+    for paths, size, used in _entries(cache_root):
         info.bytes += size
-        info.files += 1
-        rel = path.relative_to(cache_root).parts
+        info.files += sum(p.exists() for p in paths)
+        info.entries += _records(paths)
+        rel = paths[0].relative_to(cache_root).parts
         if rel[0] == "features" and len(rel) > 2:
             ns = info.namespaces.setdefault(rel[1], {"bytes": 0, "files": 0})
         else:
             ns = info.exports
         ns["bytes"] += size
-        ns["files"] += 1
+        ns["files"] += sum(p.exists() for p in paths)
         age = now - used
         info.oldest_s = age if info.oldest_s is None else max(info.oldest_s, age)
     return info
@@ -82,7 +105,8 @@ def prune_cache(
     dry_run: bool = False,
 ) -> dict[str, int]:
     """Delete entries unused for ``older_than_s``, then the least recently used until the cache
-    is within ``max_bytes``. Returns files and bytes removed and bytes kept."""
+    is within ``max_bytes``. A pack goes whole, with its index (records are not tracked one by
+    one). Returns files and bytes removed and bytes kept."""
     if older_than_s is None and max_bytes is None:
         raise TransferlabError("cache prune: give --older-than (e.g. 30d) and/or --max-size (5GB)")
     cache_root = FeatureCache(Path(root) if root else None).root
@@ -90,12 +114,12 @@ def prune_cache(
     total = sum(size for _, size, _ in entries)
     now = time.time()
     doomed = []
-    for path, size, used in entries:
+    for paths, size, used in entries:
         too_old = older_than_s is not None and now - used > older_than_s
         too_big = max_bytes is not None and total > max_bytes
         if not (too_old or too_big):
             continue
-        doomed.append(path)
+        doomed.extend(p for p in paths if p.exists())
         total -= size
     removed_bytes = 0
     for path in doomed:
@@ -109,6 +133,18 @@ def prune_cache(
     if not dry_run:
         _remove_empty_dirs(cache_root / "features")
     return {"files": len(doomed), "bytes": removed_bytes, "kept_bytes": total}
+
+
+def compact_cache(root: str | os.PathLike | None = None) -> dict[str, int]:
+    """Merge every namespace's finished packs and old one-file entries into one pack per
+    namespace (packs a live writer holds are left alone). Returns the summed counts."""
+    features = FeatureCache(Path(root) if root else None).root / "features"
+    total = {"packs": 0, "records": 0, "dropped": 0, "migrated": 0}
+    for folder in sorted(features.iterdir()) if features.is_dir() else []:
+        if folder.is_dir():
+            for k, v in FeatureStore(folder).compact().items():
+                total[k] += v
+    return total
 
 
 def _remove_empty_dirs(root: Path) -> None:

@@ -17,7 +17,7 @@ from transferlab.progress import out_console
 _COLUMNS = ("date", "strategy", "backbone", "data", "val_acc", "test_acc", "time_s", "run")
 _COLOURS = {"green": "green", "yellow": "yellow", "red": "red"}
 
-cache_app = typer.Typer(no_args_is_help=True, help="The feature cache: info | prune.")
+cache_app = typer.Typer(no_args_is_help=True, help="The feature cache: info | prune | compact.")
 
 
 def register(app: typer.Typer) -> None:
@@ -162,9 +162,11 @@ def cache_info_cmd(
     if as_json:
         print(json.dumps(info.to_dict(), indent=2))
         return
-    out_console.print(f"{info.root}: {human_bytes(info.bytes)} in {info.files} files")
+    out_console.print(
+        f"{info.root}: {human_bytes(info.bytes)} in {info.files} files ({info.entries} features)"
+    )
     for name, ns in sorted(info.namespaces.items(), key=lambda kv: -kv[1]["bytes"]):
-        out_console.print(f"  features/{name}: {human_bytes(ns['bytes'])}, {ns['files']} entries")
+        out_console.print(f"  features/{name}: {human_bytes(ns['bytes'])}, {ns['files']} files")
     ex = info.exports
     out_console.print(f"  exports: {human_bytes(ex['bytes'])}, {ex['files']} files")
     if info.oldest_s is not None:
@@ -191,4 +193,18 @@ def cache_prune_cmd(
     out_console.print(
         f"{verb} {done['files']} files ({human_bytes(done['bytes'])}); "
         f"{human_bytes(done['kept_bytes'])} kept"
+    )
+
+
+@cache_app.command("compact")
+def cache_compact_cmd(
+    cache_dir: Path | None = typer.Option(None, help="Feature cache (default: the user's)."),
+) -> None:
+    """Merge finished feature packs (and old one-file entries) into one pack per backbone."""
+    from transferlab.cache_admin import compact_cache
+
+    d = compact_cache(cache_dir)
+    out_console.print(
+        f"merged {d['packs']} packs: {d['records']} features kept, {d['dropped']} dropped "
+        f"(repeats or damaged), {d['migrated']} old one-file entries moved in"
     )

@@ -14,7 +14,9 @@ Two kinds, both ``Standardize -> net -> logits`` (callers apply softmax):
     fit warm-starts from the previous solution (strongly regularised problems converge in a few
     steps and their solution is a good start for the next, weaker one). Every fit is full-batch
     L-BFGS with a strong-Wolfe line search (float32, from a zero start, on one thread by default),
-    so it is deterministic.
+    so it is deterministic. Past 256 MB of training features (~50k rows of 1280) the grid is
+    instead trained by seeded mini-batch Adam, all strengths at once
+    (:mod:`transferlab.heads.minibatch`, option ``solver``), in memory bounded by the batch.
     Selection: lowest validation log-loss (with the same class weighting as training); losses
     within ``1e-6`` count as a tie, broken by higher validation accuracy, then by the *stronger*
     L2 (the simpler model). The returned head is the one trained on the training set with that
@@ -39,8 +41,16 @@ they travel in the ``state_dict``; ``spec`` (JSON-able) plus the ``state_dict`` 
 
 from __future__ import annotations
 
-from transferlab.heads.base import HEADS, FittedHead, Head, Standardize, build_head
-from transferlab.heads.fit import fit_head
+from transferlab.heads.base import (
+    HEADS,
+    NUM_THREADS_DEFAULT,
+    FittedHead,
+    Head,
+    Standardize,
+    build_head,
+    torch_threads,
+)
+from transferlab.heads.fit import fit_head, moments
 from transferlab.heads.linear import DEFAULT_L2, L2_GRID
 from transferlab.heads.mlp import train_epochs
 
@@ -48,10 +58,13 @@ __all__ = [
     "DEFAULT_L2",
     "HEADS",
     "L2_GRID",
+    "NUM_THREADS_DEFAULT",
     "FittedHead",
     "Head",
     "Standardize",
     "build_head",
     "fit_head",
+    "moments",
+    "torch_threads",
     "train_epochs",
 ]

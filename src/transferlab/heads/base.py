@@ -1,8 +1,11 @@
-"""The head modules (``Standardize -> net``), how to rebuild one from its spec, and their loss."""
+"""The head modules (``Standardize -> net``), how to rebuild one from its spec, their loss, and
+the thread policy of every head fit."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,11 +18,40 @@ from transferlab.errors import TransferlabError
 
 HEADS = HEAD_NAMES
 
-# Intra-op threads used while fitting (None: leave torch's setting alone, the default). A
-# library should not flip the process-wide OpenMP team size behind the caller's back: two
-# native crashes (SIGSEGV) were seen in long processes that did so between other torch work,
-# so the one-thread option (faster only on an oversubscribed machine) is opt-in.
-NUM_THREADS_DEFAULT = None
+# Torch intra-op threads while a head is fitted (``num_threads``; None leaves torch's setting).
+# One: a head fit is thousands of small ops (n x 1280 @ 1280 x C), each ending in an OpenMP
+# barrier, and when other processes share the cores every barrier waits for a descheduled
+# thread. Measured on 2 cores already shared with other jobs (benchmarks/head_memory.py
+# --rows 0 --small 2000 --threads: 2000 x 1280 rows, 10 classes, 13-value grid, medians of 3):
+# 1 thread 8.5 s vs torch's default (2) 52 s; next to a `while True: pass` process 17 s vs 94 s.
+# One thread also makes the weights independent of the core count. The earlier switch to None
+# blamed two SIGSEGVs on this toggle; their cause was OpenVINO's signal stack (commit b886f45,
+# runtime.keep_signal_stack), not the toggle. Used by fit_head and the frozen strategy's head.
+NUM_THREADS_DEFAULT = 1
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with torch's intra-op thread count at ``n`` (None: as it is); the previous
+    count is restored on exit. Process-wide, so meant for one fit at a time, as the heads do."""
+    if n is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    if previous != max(1, int(n)):
+        torch.set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
+
+
+def as_tensor(x: np.ndarray) -> torch.Tensor:
+    """A tensor sharing ``x``'s memory (a read-only memmap too: the heads only read features)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(x)
 
 
 @dataclass

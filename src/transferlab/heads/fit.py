@@ -1,8 +1,11 @@
-"""``fit_head``: check the features and labels, standardize, then fit a linear or an MLP head."""
+"""``fit_head``: check the features and labels, standardize, then fit a linear or an MLP head.
+
+Memory: the features are only read, a chunk of rows at a time, so they may be a read-only
+``np.memmap`` larger than RAM; nothing here makes a float64 or a second copy of them.
+"""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -10,14 +13,17 @@ import numpy as np
 import torch
 
 from transferlab.errors import TransferlabError
-from transferlab.heads.base import HEADS, FittedHead, Problem
-from transferlab.heads.linear import LINEAR_DEFAULTS, fit_linear
+from transferlab.heads.base import HEADS, FittedHead, Problem, torch_threads
+from transferlab.heads.linear import LINEAR_DEFAULTS, fit_linear, use_minibatch
+from transferlab.heads.minibatch import fit_minibatch
 from transferlab.heads.mlp import MLP_DEFAULTS, fit_mlp
 from transferlab.training import class_weights
 
 # Features whose training std is below this are (near-)constant; dividing by it would blow up
 # noise, so they are only centred (std stored as 1).
 _STD_FLOOR = 1e-6
+# Values per chunk of the statistics and checks: one 8 MB float64 temporary, whatever n is.
+_CHUNK_VALUES = 1 << 20
 
 
 def fit_head(
@@ -37,7 +43,11 @@ def fit_head(
     Options, ``"linear"``: ``l2`` (fixed strength, skips the search), ``l2_grid``, ``max_iter``,
     ``tol``. ``"mlp"``: ``hidden``, ``dropout``, ``lr``, ``weight_decay``, ``batch_size``,
     ``max_epochs``, ``patience``, ``min_delta``. Both: ``num_threads`` (default 1, torch intra-op
-    threads while fitting, restored afterwards; None leaves torch's setting alone).
+    threads while fitting, restored afterwards; None leaves torch's setting alone: see
+    ``heads.base.NUM_THREADS_DEFAULT`` for why one).
+
+    ``x_train``/``x_val`` may be read-only memmaps; the linear head switches from exact L-BFGS
+    to mini-batches when the training matrix is large (option ``solver``).
     """
     if kind not in HEADS:
         raise TransferlabError(f"unknown head kind {kind!r}; choose one of: {', '.join(HEADS)}")
@@ -58,8 +68,10 @@ def fit_head(
         "n_val": 0 if x_val is None else len(x_val),
     }
     problem = Problem(x_train, y_train, x_val, y_val, mean, std, weights)
-    with _torch_threads(opts["num_threads"]):
-        if kind == "linear":
+    with torch_threads(opts["num_threads"]):
+        if kind == "linear" and use_minibatch(problem, opts):
+            module, history = fit_minibatch(problem, opts, spec, seed)
+        elif kind == "linear":
             module, history = fit_linear(problem, opts, spec)
         else:
             module, history = fit_mlp(problem, opts, spec, seed)
@@ -67,20 +79,6 @@ def fit_head(
     module.standardize.std.copy_(torch.from_numpy(std.astype(np.float32)))
     module.eval()
     return FittedHead(module=module, spec=spec, history=history)
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    """Temporarily set torch's intra-op thread count (process-wide; restored on exit)."""
-    if n is None:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(n)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _resolve_options(kind: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -93,12 +91,32 @@ def _resolve_options(kind: str, options: dict[str, Any]) -> dict[str, Any]:
     return {**defaults, **options}
 
 
+def chunks(n: int, d: int) -> Iterator[slice]:
+    """Row slices that bound a float64 temporary of ``d`` columns to 8 MB."""
+    step = max(1, _CHUNK_VALUES // max(1, d))
+    for start in range(0, n, step):
+        yield slice(start, min(n, start + step))
+
+
 def _standardization(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    x64 = x.astype(np.float64)
-    mean = x64.mean(axis=0)
-    std = x64.std(axis=0)  # population std, as sklearn's StandardScaler
-    std = np.where(std < _STD_FLOOR, 1.0, std)
-    return mean, std
+    mean, std = moments(x)
+    return mean, np.where(std < _STD_FLOOR, 1.0, std)
+
+
+def moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and population std (as sklearn's StandardScaler) of ``(n, d)`` rows, in
+    float64, in two passes over row chunks (the two-pass form keeps the precision of
+    ``x.std()``; no float64 copy of ``x``)."""
+    n, d = x.shape
+    total = np.zeros(d)
+    for rows in chunks(n, d):
+        total += x[rows].sum(axis=0, dtype=np.float64)
+    mean = total / n
+    squares = np.zeros(d)
+    for rows in chunks(n, d):
+        diff = x[rows] - mean
+        squares += np.square(diff, out=diff).sum(axis=0)
+    return mean, np.sqrt(squares / n)
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,8 +150,8 @@ def _check_features(x: np.ndarray, name: str, d: int | None = None) -> np.ndarra
         raise TransferlabError(
             f"{name} has {x.shape[1]} features per row but the training features have {d}"
         )
-    x = x.astype(np.float32, copy=False)
-    if not np.all(np.isfinite(x)):
+    x = x.astype(np.float32, copy=False)  # float32 input (a memmap too) is used as it is
+    if not all(np.isfinite(x[rows]).all() for rows in chunks(*x.shape)):
         raise TransferlabError(f"{name} contains NaN or infinite values")
     return x
 

@@ -13,8 +13,18 @@ import torch
 from torch import nn
 
 from transferlab.errors import TransferlabError
-from transferlab.heads.base import NUM_THREADS_DEFAULT, Head, Problem, build_head, weighted_ce
+from transferlab.heads.base import (
+    NUM_THREADS_DEFAULT,
+    Head,
+    Problem,
+    as_tensor,
+    build_head,
+    weighted_ce,
+)
 from transferlab.training import Best, EpochStats, Stepper, history_row, run_batches
+
+# Rows per chunk when evaluating on the validation set.
+_EVAL_ROWS = 8192
 
 MLP_DEFAULTS: dict[str, Any] = {
     "hidden": (512, 512),
@@ -32,21 +42,27 @@ MLP_DEFAULTS: dict[str, Any] = {
 def fit_mlp(
     p: Problem, opts: dict[str, Any], spec: dict[str, Any], seed: int
 ) -> tuple[Head, list[dict]]:
-    """AdamW mini-batches with early stopping on val loss; the best epoch's weights restored."""
+    """AdamW mini-batches with early stopping on val loss; the best epoch's weights restored.
+
+    The whole head is trained, its standardization buffers set first: each batch is
+    standardized as it is drawn (the same float32 arithmetic as standardizing up front), so
+    the features are never copied."""
     _mlp_spec(opts, spec)
-    xt, yt = _standardized(p.x_train, p.mean, p.std), torch.from_numpy(p.y_train)
+    xt, yt = as_tensor(p.x_train), torch.from_numpy(p.y_train)
     wt = None if p.weights is None else torch.from_numpy(p.weights.astype(np.float32))
     xv = yv = None
     if p.x_val is not None:
-        xv, yv = _standardized(p.x_val, p.mean, p.std), torch.from_numpy(p.y_val)
+        xv, yv = as_tensor(p.x_val), torch.from_numpy(p.y_val)
     # A private RNG stream: seeds init and dropout without disturbing the caller's global state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = build_head(spec)
+        head.standardize.mean.copy_(torch.from_numpy(p.mean.astype(np.float32)))
+        head.standardize.std.copy_(torch.from_numpy(p.std.astype(np.float32)))
         net = head.net
         opt = torch.optim.AdamW(net.parameters(), lr=spec["lr"], weight_decay=spec["weight_decay"])
         history, best_state, best_epoch = train_epochs(
-            net,
+            head,
             lambda: xt,
             yt,
             lambda logits, y: weighted_ce(logits, y, wt),
@@ -54,12 +70,12 @@ def fit_mlp(
             batch_size=spec["batch_size"],
             max_epochs=spec["max_epochs"],
             generator=torch.Generator().manual_seed(seed),
-            validate=None if xv is None else lambda: _evaluate(net, xv, yv, wt),
+            validate=None if xv is None else lambda: _evaluate(head, xv, yv, wt),
             patience=spec["patience"],
             min_delta=spec["min_delta"],
         )
     if best_state is not None:
-        net.load_state_dict(best_state)
+        head.load_state_dict(best_state)
     spec.update(
         epochs_run=len(history),
         best_epoch=best_epoch or len(history),
@@ -88,13 +104,6 @@ def _mlp_spec(opts: dict[str, Any], spec: dict[str, Any]) -> None:
         max_epochs=max_epochs,
         patience=patience,
         min_delta=float(opts["min_delta"]),
-    )
-
-
-def _standardized(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
-    # Standardized once up front, in the same float32 arithmetic as the module's buffer path.
-    return (torch.from_numpy(x) - torch.from_numpy(mean.astype(np.float32))) / torch.from_numpy(
-        std.astype(np.float32)
     )
 
 
@@ -155,7 +164,12 @@ def train_epochs(
 def _evaluate(
     net: nn.Module, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None
 ) -> tuple[float, float]:
+    """(weighted mean CE, accuracy), a chunk of rows at a time (no (n, hidden) activations)."""
     net.eval()
+    loss, correct = 0.0, 0
     with torch.inference_mode():
-        logits = net(x)
-        return float(weighted_ce(logits, y, weights)), int((logits.argmax(1) == y).sum()) / len(y)
+        for rows in torch.arange(len(y)).split(_EVAL_ROWS):
+            logits = net(x[rows[0] : rows[-1] + 1])
+            loss += float(weighted_ce(logits, y[rows], weights)) * len(rows)
+            correct += int((logits.argmax(1) == y[rows]).sum())
+    return loss / len(y), correct / len(y)

@@ -40,7 +40,7 @@ from transferlab.augment import build_transform, draft_size
 from transferlab.data.dataset import ImageDataset, collate, raise_if_failed
 from transferlab.data.prepared import Split
 from transferlab.engine import HISTORY_CSV
-from transferlab.heads import build_head, train_epochs
+from transferlab.heads import NUM_THREADS_DEFAULT, build_head, moments, torch_threads, train_epochs
 from transferlab.model import ClassifierNet, softmax
 from transferlab.progress import info, progress
 from transferlab.strategies.base import StrategyContext, StrategyResult, body_record
@@ -48,8 +48,6 @@ from transferlab.strategies.features import split_features
 from transferlab.training import cross_entropy, lr_factor, write_history
 
 __all__ = [
-    "DEFAULT_AUGMENT",
-    "DEFAULT_EPOCHS",
     "VIEWS",
     "augmented_features",
     "run",
@@ -57,9 +55,7 @@ __all__ = [
 ]
 
 VIEWS = 5
-DEFAULT_EPOCHS = 50
-DEFAULT_LR = 1e-3
-DEFAULT_AUGMENT = "light"
+# epochs, lr and augmentation default per strategy: config.STRATEGY_DEFAULTS
 _MLP = {"hidden": [512, 512], "dropout": 0.3}
 # Part of every view's cache key: bump it when a preset's transforms change, so old views miss.
 _VIEWS_VERSION = 1
@@ -163,12 +159,12 @@ def train_head(
     cfg = ctx.config
     k, n, d = views.shape
     spec = _head_spec(cfg.head, d, len(ctx.classes))
-    with torch.random.fork_rng(devices=[]):
+    mean, std = moments(views.reshape(-1, d))  # in chunks: no float64 copy of the K views
+    with torch.random.fork_rng(devices=[]), torch_threads(NUM_THREADS_DEFAULT):
         torch.manual_seed(cfg.seed)
         head = build_head(spec)
-        flat = views.reshape(-1, d).astype(np.float64)
-        head.standardize.mean.copy_(torch.from_numpy(flat.mean(0)).float())
-        head.standardize.std.copy_(torch.from_numpy(np.maximum(flat.std(0), 1e-6)).float())
+        head.standardize.mean.copy_(torch.from_numpy(mean).float())
+        head.standardize.std.copy_(torch.from_numpy(np.maximum(std, 1e-6)).float())
         history, best = _fit(head, views, y, x_val, y_val, ctx)
     if best is not None:
         head.load_state_dict(best)
@@ -186,13 +182,13 @@ def _fit(
 ) -> tuple[list[dict], dict[str, torch.Tensor] | None]:
     cfg = ctx.config
     k, n, _ = views.shape
-    epochs = DEFAULT_EPOCHS if cfg.epochs is None else cfg.epochs
+    epochs = cfg.resolved("epochs")
     steps = math.ceil(n / cfg.batch_size)
     warmup = round(cfg.warmup_epochs * steps)
-    # standardize once up front (the same float32 arithmetic as the head's own buffers), then
-    # train the inner net: no per-step normalisation of the same rows
-    feats = head.standardize(torch.from_numpy(views))
-    lr = DEFAULT_LR if cfg.lr is None else cfg.lr
+    # the whole head is trained (its standardization buffers are not parameters), so each batch
+    # is standardized as drawn and the K views are never copied
+    feats = torch.from_numpy(views)
+    lr = cfg.resolved("lr")
     groups = [{"params": list(head.net.parameters()), "base_lr": lr}]
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -201,7 +197,7 @@ def _fit(
         return feats[torch.randint(k, (n,), generator=gen), torch.arange(n)]
 
     history, best, _ = train_epochs(
-        head.net,
+        head,
         one_view_per_image,
         torch.from_numpy(y.astype(np.int64)),
         cross_entropy(y, len(ctx.classes), cfg),
@@ -231,7 +227,7 @@ def _evaluate(head: nn.Module, x: np.ndarray, y: np.ndarray) -> tuple[float, flo
 def run(ctx: StrategyContext) -> StrategyResult:
     cfg = ctx.config
     backbone, _ = ctx.pretrained()
-    preset = DEFAULT_AUGMENT if cfg.augment is None else cfg.augment
+    preset = cfg.resolved("augment")
     views, stats = augmented_features(ctx, ctx.train, preset)
     ctx.timings["augmented_views_s"] = stats["seconds"]
     clean = {
