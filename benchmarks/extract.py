@@ -7,7 +7,10 @@
 (b) eager PyTorch channels_last fed by transferlab's decode (same workers, same batches);
 (c) transferlab: decode in worker processes ‖ the exported base on the fastest engine.
 All three start from files on disk and end with a (n, D) feature matrix; the feature cache is
-bypassed. Then a cold `fit` (empty cache, export included) and a warm re-fit are timed.
+bypassed. Then the engine's limit: its model-only rate (images already decoded in memory) and
+the end-to-end rate of ``FeatureExtractor`` (files → features in an empty cache), alternated
+``--reps`` times in this run, and their ratio (the medians). Last, a cold `fit` (empty cache,
+export included) and a warm re-fit are timed.
 """
 
 from __future__ import annotations
@@ -91,6 +94,48 @@ def transferlab_pipeline(spec: str, paths: list[str], export_dir: Path) -> tuple
     return time.perf_counter() - t0, export_s, runtime.engine
 
 
+def engine_limit(
+    spec: str, paths: list[str], tmp: Path, reps: int
+) -> tuple[dict[str, tuple[float, float]], str]:
+    """{variant: (model-only img/s, end-to-end img/s)} (medians of ``reps`` alternated passes)
+    and the engine. Variants: the runtime as built, and for OpenVINO also with its large
+    batches on one stream (the latency compilation), to show what the streams bring.
+
+    Model-only: the runtime on batches already decoded in memory, what the engine can do on
+    this box. End-to-end: FeatureExtractor from files into an empty cache namespace (decode
+    workers ‖ engine, cache writes included), the same runtime object and batch size."""
+    from transferlab.backbones import create_backbone
+    from transferlab.cache import FeatureCache
+    from transferlab.data.images import load_image
+    from transferlab.extract import FeatureExtractor
+    from transferlab.runtime import make_runtime
+
+    bb = create_backbone(spec)
+    cache = FeatureCache(tmp / "limit-cache")
+    runtime = make_runtime(bb, export_dir=cache.exports_dir)
+    decoded = np.stack([load_image(p, bb.preprocess) for p in paths])
+    streams = getattr(runtime, "streams", 1)
+    variants = {"as built": streams, "one stream": 1} if streams > 1 else {"as built": 1}
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+    for rep in range(reps):
+        for name, n_streams in variants.items():
+            if streams > 1:
+                runtime.streams = n_streams
+            t0 = time.perf_counter()
+            for i in range(0, len(decoded), 32):
+                runtime(decoded[i : i + 32])
+            model = len(paths) / (time.perf_counter() - t0)
+            ex = FeatureExtractor(bb, cache=cache, identity=f"bench-{name}-{rep}", runtime=runtime)
+            got = ex(paths, [f"{i:064x}" for i in range(len(paths))])
+            runs[name].append((model, got.stats["images_per_s"]))
+    runtime.streams = streams
+    medians = {
+        name: (float(np.median([m for m, _ in r])), float(np.median([e for _, e in r])))
+        for name, r in runs.items()
+    }
+    return medians, f"{runtime.engine}, {streams} stream(s)"
+
+
 def timed_fit(data: Path, spec: str, cache: Path) -> tuple[float, float, float]:
     """Cold: `transferlab fit` as a user runs it (fresh process, empty cache, export included).
     Warm: the same fit again in this process, cache hit, imports already paid."""
@@ -116,6 +161,9 @@ def main() -> None:
         default=f"local-dir:{SHARED / 'weights' / 'mobilenetv2_100.tf_quant_in1k'}",
     )
     ap.add_argument("--skip-naive", action="store_true", help="the slowest baseline (~40 s)")
+    ap.add_argument("--limit-only", action="store_true", help="only the engine-limit figures")
+    ap.add_argument("--reps", type=int, default=3, help="alternated engine-limit passes")
+    ap.add_argument("--images", type=int, help="engine limit on the first N images only")
     args = ap.parse_args()
     if not args.data.is_dir():
         sys.exit(f"{args.data}: not found (the benchmark needs ../shared)")
@@ -126,6 +174,16 @@ def main() -> None:
     print(f"{n} images, {os.cpu_count()} cores, torch {torch.__version__}")
     tmp = Path(tempfile.mkdtemp(prefix="tl-bench-"))
     try:
+        limits, engine = engine_limit(args.backbone, paths[: args.images], tmp, args.reps)
+        print(f"engine limit [{engine}], {args.reps} alternated passes, medians:")
+        for name, (model, e2e) in limits.items():
+            print(
+                f"  {name:>10}: model-only {model:6.1f} img/s, end-to-end {e2e:6.1f} img/s, "
+                f"ratio {e2e / model:.2f}"
+            )
+        print("  (targets: ratio >= 0.85 as built; >= 230 img/s on a quiet 2-core box)")
+        if args.limit_only:
+            return
         ours_s, export_s, engine = transferlab_pipeline(args.backbone, paths, tmp / "exports")
         print(f"(c) transferlab [{engine}]: {n / ours_s:7.1f} img/s  ({ours_s:.1f} s)")
         print(f"    (runtime set-up incl. ONNX export: {export_s:.1f} s, not counted)")

@@ -80,6 +80,17 @@ def test_engine_matches_torch(tiny, engine, tmp_path):
     assert rt.parity is not None and rt.parity <= 1e-4
 
 
+@pytest.mark.skipif(not HAS_OPENVINO, reason="openvino not installed")
+def test_openvino_splits_large_batches_across_streams(tiny, tmp_path):
+    rt = make_runtime(tiny, engine="openvino", export_dir=tmp_path, threads=2)
+    assert rt.streams >= 2  # OpenVINO's throughput compilation: one stream per thread here
+    images = _images(2 * rt.streams + 1, seed=3)  # uneven parts
+    bulk = rt(images)
+    singles = np.concatenate([rt(images[i : i + 1]) for i in range(len(images))])
+    np.testing.assert_allclose(bulk, _torch_features(tiny, images), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(bulk, singles, atol=1e-5, rtol=0)
+
+
 def test_auto_prefers_openvino_then_onnxruntime(tiny, tmp_path):
     rt = make_runtime(tiny, export_dir=tmp_path)
     assert rt.engine == ("openvino" if HAS_OPENVINO else "onnxruntime")

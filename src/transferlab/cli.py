@@ -169,7 +169,8 @@ def config_options(*names: str, **defaults: Any) -> Callable[[Command], Command]
                 continue
             default = defaults.get(f.name, f.default)
             # Lightning takes a count or a word ("auto"): typer has no int | str option type
-            kind = str if f.name == "devices" else hints[f.name]
+            text = f.name in ("devices", "time_budget")  # a count or a word; seconds or 10m
+            kind = str | None if f.name == "time_budget" else str if text else hints[f.name]
             default = str(default) if f.name == "devices" else default
             option = typer.Option(default, help=f.metadata["help"])
             added.append(inspect.Parameter(f.name, KEYWORD_ONLY, default=option, annotation=kind))
@@ -214,7 +215,8 @@ def fit(
     ext = clf.metrics.get("extraction", [])
     computed = sum(e["computed"] for e in ext)
     hits = sum(e["cache_hits"] for e in ext)
-    line = f"{cfg.strategy} on {cfg.backbone}: {t['total_s']:.1f} s"
+    chosen = f"{clf.saved.strategy} on {clf.saved.body['spec']}"
+    line = f"{'auto → ' if cfg.strategy == 'auto' else ''}{chosen}: {t['total_s']:.1f} s"
     if ext:
         engines = sorted({e["engine"] for e in ext})
         secs = sum(e["extract_s"] for e in ext)
@@ -379,9 +381,11 @@ def convolve(
 
 
 from transferlab.cli_runs import register as _register_runs  # noqa: E402
+from transferlab.cli_scale import register as _register_scale  # noqa: E402
 from transferlab.cli_see import register as _register_see  # noqa: E402
 from transferlab.cli_ship import register as _register_ship  # noqa: E402
 
 _register_see(app)
 _register_ship(app)
 _register_runs(app)
+_register_scale(app)

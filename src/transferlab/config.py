@@ -20,6 +20,10 @@ DEFAULT_BACKBONE = "mobilenetv2_100.tf_quant_in1k"
 STRATEGY_NAMES: tuple[str, ...] = (
     "features", "frozen", "finetune", "scratch-basic", "scratch-regularized", "scratch-timm"
 )  # fmt: skip
+# Not a strategy but a chooser among them (selection.auto): backbone, strategy and recipe picked
+# on train/val within --time-budget.
+AUTO = "auto"
+DEFAULT_TIME_BUDGET = "10m"
 HEAD_NAMES: tuple[str, ...] = ("linear", "mlp")
 AUGMENT_PRESETS: tuple[str, ...] = ("none", "tutorial", "light", "strong")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd", "rmsprop")
@@ -66,7 +70,10 @@ class FitConfig:
         DEFAULT_BACKBONE, "timm name, a weights folder name, hf-hub:REPO or local-dir:PATH."
     )
     pretrained: bool = _opt(True, "--no-pretrained: random init.")
-    strategy: str = _opt("features", "features | frozen | finetune | scratch-…")
+    strategy: str = _opt("features", "features | frozen | finetune | scratch-… | auto")
+    time_budget: str | float | None = _opt(
+        None, f"auto: wall-clock budget: 10m, 90s, 1h or seconds (default {DEFAULT_TIME_BUDGET})."
+    )
     head: str = _opt("linear", "linear | mlp")
     seed: int = _opt(42, "Seed of the carved splits, initialisation and data order.")
     # data
@@ -104,6 +111,7 @@ class FitConfig:
     accelerator: str = _opt("auto", "Lightning accelerator: auto (a GPU if any) | cpu | gpu | mps")
     devices: int | str = _opt(1, "Lightning devices: a count or 'auto'.")
     dist_strategy: str = _opt("auto", "Lightning strategy: auto | ddp | ddp_spawn")
+    num_nodes: int | None = _opt(None, "Lightning nodes (default: the SLURM job's, else 1).")
     precision: str = _opt("32-true", "32-true | bf16-mixed | 16-mixed")
     deterministic: bool = _opt(True, "Reproducible kernels and data order.")
     resume: bool = _opt(False, "Continue from OUT/checkpoints/last.ckpt.")
@@ -122,7 +130,9 @@ class FitConfig:
             _STYLE.pop()
 
     def _validate(self) -> FitConfig:
-        _choice("strategy", self.strategy, STRATEGY_NAMES)
+        _choice("strategy", self.strategy, (*STRATEGY_NAMES, AUTO))
+        if self.time_budget is not None:
+            self.budget_seconds()  # a bad one fails here, before any work
         _choice("head", self.head, HEAD_NAMES)
         if self.class_weight not in (None, "auto", "none"):
             raise TransferlabError(
@@ -179,6 +189,23 @@ class FitConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def budget_seconds(self) -> float:
+        """``--time-budget`` in seconds (``10m``, ``90s``, ``1.5h``, ``600``)."""
+        text = str(DEFAULT_TIME_BUDGET if self.time_budget is None else self.time_budget)
+        text = text.strip().lower()
+        scale = {"s": 1, "m": 60, "h": 3600}.get(text[-1:], 1)
+        number = text[:-1] if text[-1:] in "smh" else text
+        try:
+            seconds = float(number) * scale
+        except ValueError:
+            seconds = math.nan
+        if not (math.isfinite(seconds) and seconds > 0):
+            raise TransferlabError(
+                f"{_said('time-budget', self.time_budget)}: give a duration such as 10m, 90s, "
+                "1h or a number of seconds"
+            )
+        return seconds
 
     def resolved(self, option: str) -> Any:
         """The option as given, else this strategy's default (``STRATEGY_DEFAULTS``)."""

@@ -44,15 +44,19 @@ class FeatureExtractor:
         workers: int | None = None,
         max_pixels: int = MAX_PIXELS,
         identity: str | None = None,
+        threads: int | None = None,
+        runtime: FeatureRuntime | None = None,
     ) -> None:
         self.backbone = backbone
         self.cache = cache if cache is not None else FeatureCache()
-        self.store = self.cache.namespace(identity or backbone.identity())
+        self.identity = identity or backbone.identity()
+        self.store = self.cache.namespace(self.identity)
         self.engine = engine
         self.batch_size = batch_size
         self.workers = workers
         self.max_pixels = max_pixels
-        self._runtime: FeatureRuntime | None = None
+        self.threads = threads  # engine threads; None: every CPU this process may use
+        self._runtime = runtime  # None: built on first use (see ``runtime``)
         self._cache_broken = False
 
     @property
@@ -60,9 +64,21 @@ class FeatureExtractor:
         # Built lazily: a warm re-fit served entirely from the cache never exports the model.
         if self._runtime is None:
             self._runtime = make_runtime(
-                self.backbone, engine=self.engine, export_dir=self.cache.exports_dir
+                self.backbone,
+                engine=self.engine,
+                export_dir=self.cache.exports_dir,
+                threads=self.threads,
             )
         return self._runtime
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Sent to spawned ranks (engine.shards): a compiled engine and an open cache writer
+        # cannot travel between processes, so each rank opens its own.
+        return {k: v for k, v in self.__dict__.items() if k not in ("store", "_runtime")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _runtime=None)
+        self.store = self.cache.namespace(self.identity)
 
     def _remember(self, items: dict[str, np.ndarray]) -> None:
         # A cache that can't be written (read-only home, full disk) costs speed, not the run.
@@ -84,15 +100,8 @@ class FeatureExtractor:
         t0 = time.perf_counter()
         n, dim = len(paths), self.backbone.num_features
         features = np.zeros((n, dim), dtype=np.float32)
-        ok = np.zeros(n, dtype=bool)
-        hits = self.store.get_many(list(dict.fromkeys(digests)))
-        misses: list[int] = []
-        for i, d in enumerate(digests):
-            if d in hits:
-                features[i] = hits[d]
-                ok[i] = True
-            else:
-                misses.append(i)
+        ok = self.store.read_into(digests, features)  # rows streamed in; no second copy
+        misses: list[int] = np.flatnonzero(~ok).tolist()
         if on_progress and n - len(misses):
             on_progress(n - len(misses))
         failures: list[tuple[str, str]] = []

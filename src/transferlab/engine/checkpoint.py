@@ -41,7 +41,7 @@ CKPT_VERSION = 2  # 2: + the run's configuration and data digests (resume refuse
 # budget, and the resume flag itself. Every other option is part of what the run trains.
 RESUMABLE_OPTIONS = (
     "resume", "max_time", "accelerator", "devices", "dist_strategy", "precision", "workers",
-    "cache_dir", "engine", "track", "overwrite",
+    "cache_dir", "engine", "track", "overwrite", "num_nodes", "time_budget",
 )  # fmt: skip
 _REQUIRED = (
     "format", "version", "model", "digest", "state", "stages", "plan", "optimizer", "config",

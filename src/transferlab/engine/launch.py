@@ -158,7 +158,7 @@ def _launch(net: ClassifierNet, job: Job) -> tuple[RunOutput, dict[str, torch.Te
     """Run the trainer on every rank; (rank 0's output, the best weights)."""
     # The job rides in a partial: Fabric's spawn launcher walks the positional arguments and
     # refuses frozen dataclasses (Preprocess) inside them.
-    output: RunOutput = _fabric(job.config).launch(functools.partial(run_job, job=job), net)
+    output: RunOutput = make_fabric(job.config).launch(functools.partial(run_job, job=job), net)
     best_state = output.best_state
     if best_state is None:
         best_state = load_checkpoint(job.run_dir / CHECKPOINT_DIR / BEST_CKPT)["model"]
@@ -202,21 +202,25 @@ def _num_nodes() -> int:
     return int(os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or 1)
 
 
-def _fabric(config: FitConfig) -> Any:
+def make_fabric(config: FitConfig, *, num_nodes: int | None = None) -> Any:
+    """Fabric for ``config``'s accelerator, devices, strategy and precision, on ``num_nodes``
+    nodes (default: the SLURM job's, else 1); training and sharded extraction both start here."""
     from lightning.fabric import Fabric
 
+    nodes = num_nodes or config.num_nodes or _num_nodes()
     try:
         return Fabric(
             accelerator=config.accelerator,
             devices=config.devices,
             strategy=config.dist_strategy,
             precision=config.precision,
-            num_nodes=_num_nodes(),
+            num_nodes=nodes,
         )
     except (ValueError, RuntimeError, TypeError) as e:
         raise TransferlabError(
             f"cannot set up --accelerator {config.accelerator} --devices {config.devices} "
-            f"--dist-strategy {config.dist_strategy} --precision {config.precision}: {e}"
+            f"--dist-strategy {config.dist_strategy} --precision {config.precision} "
+            f"on {nodes} node(s): {e}"
         ) from None
 
 

@@ -32,11 +32,13 @@ def check_onnx_engine(
         runtime = cls(backbone, onnx_path, threads)
         images, ref = expected()
         got = runtime(images)
+        # One image takes another path in some engines (OpenVINO's latency compilation).
+        one = runtime(images[:1])
     except Exception as exc:
         return f"{name} failed to load or run the export ({brief(exc)})"
     if got.shape != ref.shape:
         return f"{name} returned shape {got.shape}, torch {ref.shape}"
-    diff = max_diff(got, ref)
+    diff = max(max_diff(got, ref), max_diff(one, ref[:1]))
     if not diff <= PARITY_ATOL:  # also catches NaN
         return f"{name} features differ from torch by {diff:.2e} (> {PARITY_ATOL:g})"
     runtime.parity = diff

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from transferlab.backbones import create_backbone
-from transferlab.config import FitConfig
+from transferlab.config import AUTO, FitConfig
 from transferlab.data.prepared import PreparedData
+from transferlab.engine.shards import extract_sharded, wants_ranks
 from transferlab.strategies import features, finetune, frozen, scratch
 from transferlab.strategies.base import (
     StrategyContext,
@@ -42,9 +43,9 @@ class StrategySpec:
 
 
 # What the training engine reads; a strategy without the engine ignores them.
-_ENGINE = frozenset(
-    {"optimizer", "max_time", "accelerator", "devices", "dist_strategy", "precision", "resume"}
-)
+# (accelerator, devices, dist_strategy, num_nodes: every strategy's, for training or for the
+# sharded extraction)
+_ENGINE = frozenset({"optimizer", "max_time", "precision", "resume"})
 _END_TO_END = frozenset(
     {"epochs", "lr", "schedule", "warmup_epochs", "weight_decay", "label_smoothing", "patience",
      "augment"}
@@ -88,11 +89,14 @@ STRATEGIES: dict[str, StrategySpec] = {
 
 
 def ignored_options(config: FitConfig) -> list[str]:
-    """The options ``config`` sets (away from their defaults) that its strategy ignores."""
+    """The options ``config`` sets (away from their defaults) that its strategy ignores (auto
+    ignores none: it passes them on to the strategies it tries)."""
+    if config.strategy == AUTO:
+        return []
     defaults = FitConfig()
     return sorted(
         name
-        for name in STRATEGIES[config.strategy].ignores
+        for name in STRATEGIES[config.strategy].ignores | {"time_budget"}
         if getattr(config, name) != getattr(defaults, name)
     )
 
@@ -113,4 +117,17 @@ def strategy_context(prepared: PreparedData, config: FitConfig, out: Path) -> St
         ctx.backbone = create_backbone(config.backbone, pretrained=config.pretrained)
         ctx.timings["backbone_s"] = time.perf_counter() - t0
         ctx.extractor = feature_extractor(ctx.backbone, config)
+        if wants_ranks(config):
+            _extract_on_ranks(ctx)
     return ctx
+
+
+def _extract_on_ranks(ctx: StrategyContext) -> None:
+    """Every split's features into the cache, sharded over the ranks the config asks for (each
+    image once in the whole job); the strategy then reads them all as cache hits."""
+    assert ctx.extractor is not None
+    splits = [s for s in (ctx.train, ctx.val, ctx.test) if s is not None]
+    t0 = time.perf_counter()
+    paths, digests = [p for s in splits for p in s.paths], [d for s in splits for d in s.digests]
+    extract_sharded(ctx.extractor, paths, digests, ctx.config)
+    ctx.timings["extract_sharded_s"] = time.perf_counter() - t0
