@@ -22,6 +22,7 @@ from transferlab.evaluation.analysis import (
     most_confused,
     out_of_fold_probs,
     save_predictions,
+    stratified_sample,
     suspect_labels,
     top_losses,
 )
@@ -129,6 +130,18 @@ def test_suspect_labels_respect_the_confidence_floor():
     y = np.array([0, 0, 0, 0])
     rows = suspect_labels(probs, y, ["a", "b", "c", "d"], k=5, min_confidence=0.6)
     assert [r["path"] for r in rows] == ["b", "a"]  # c is a coin flip; d agrees with its label
+
+
+def test_stratified_sample_keeps_class_shares_and_is_seeded():
+    y = np.repeat([0, 1, 2], [9000, 900, 3])  # one big class, one small, one tiny
+    rows = stratified_sample(y, 1000, seed=0, min_per_class=5)
+    assert np.all(np.diff(rows) > 0) and rows.max() < len(y)
+    assert np.bincount(y[rows]).tolist() == [909, 91, 3]  # in proportion; all 3 of the tiny
+    assert np.array_equal(rows, stratified_sample(y, 1000, seed=0, min_per_class=5))
+    assert not np.array_equal(rows, stratified_sample(y, 1000, seed=1, min_per_class=5))
+    y2 = np.repeat(np.arange(400), 10)  # many classes: at least min_per_class of each
+    assert np.bincount(y2[stratified_sample(y2, 1000, min_per_class=5)]).min() == 5
+    assert np.array_equal(stratified_sample(y[:50], 1000), np.arange(50))  # small: everything
 
 
 def test_predictions_csv_round_trip(tmp_path):

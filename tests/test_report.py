@@ -3,7 +3,9 @@ gracefully; the CLI commands ``report``/``compare`` and ``evaluate --report``.""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import shutil
 import time
@@ -164,6 +166,45 @@ def test_report_degrades_when_images_moved_and_gradcam_fails(runs, tmp_path, mon
     assert "unavailable" in gradcam and "no gradients here" in gradcam
     top = doc.split('<section id="top-losses">')[1].split("</section>")[0]
     assert "unavailable" not in top
+
+
+def test_warm_report_reads_no_image_bytes_for_digests_and_samples_the_label_search(
+    runs, tmp_path, monkeypatch
+):
+    from transferlab.config import FitConfig
+    from transferlab.data.prepared import prepare_data
+    from transferlab.evaluation import analysis
+    from transferlab.evaluation.report.context import RunContext
+    from transferlab.evaluation.report.render import render
+    from transferlab.evaluation.report.sections_errors import suspects_section
+
+    # a re-run's scan: the (no longer freshly written) images go into the scan index
+    old = time.time_ns() - 3600 * 10**9
+    for p in runs["data"].rglob("*.jpg"):
+        os.utime(p, ns=(old, old))
+    prepare_data(runs["data"], FitConfig(cache_dir=str(runs["root"] / "cache"), workers=0))
+    # every streamed file hash (the digests of a run's recorded images) goes through this
+    real_hash = hashlib.file_digest
+
+    def hashing(fh, *a):
+        assert str(runs["data"]) not in fh.name, f"read {fh.name}"
+        return real_hash(fh, *a)
+
+    monkeypatch.setattr(hashlib, "file_digest", hashing)
+    doc = build_report(runs["lin"], out=tmp_path / "r.html", gradcam=0, write_predictions=False)
+    suspects = doc.read_text().split('<section id="suspects">')[1].split("</section>")[0]
+    assert "unavailable" not in suspects and "stratified sample" not in suspects
+
+    fetched: list[int] = []
+    real = analysis.split_features
+    monkeypatch.setattr(
+        analysis, "split_features", lambda clf, sp: fetched.append(len(sp)) or real(clf, sp)
+    )
+    data = suspects_section(RunContext(runs["lin"], None), 4, max_rows=6)
+    assert fetched == [10]  # 5 per class (one per fold) of the 20: only those features read
+    assert data["sampled"] == {"n": 10, "of": 20, "seed": 0}
+    html = render("suspects.html", **data)
+    assert "stratified sample of 10 of the 20 training images" in html
 
 
 def _evaluate(run, data, report_dir, *options):

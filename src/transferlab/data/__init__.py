@@ -6,10 +6,12 @@
   rows, reproducible carved splits, listed problems, leakage checks.
 - :mod:`~transferlab.data.scan` and :mod:`~transferlab.data.prepared`: every file read once
   (digest + decode check) → the :class:`Split` s a strategy trains on, skipped files reported.
+- :mod:`~transferlab.data.scan_index`: what the last scan found per file (SQLite under the cache
+  dir), so a re-run reads only new or changed files.
 - :mod:`~transferlab.data.dataset`: the training engine's ``Dataset`` (augmented views).
 - :mod:`~transferlab.data.split`: the ``transferlab split`` command's folder materialiser.
-- :mod:`~transferlab.data.images`: safe decoding (clear errors, every colour mode → RGB) and the
-  backbone's eval geometry.
+- :mod:`~transferlab.data.images`: safe decoding (clear errors) and the backbone's eval
+  geometry; :mod:`~transferlab.data.colour`: any Pillow mode → RGB.
 - :mod:`~transferlab.data.loader`: multi-process, in-order batch decoding for feature extraction.
 
 Submodules are imported directly (``from transferlab.data.images import load_image``): this

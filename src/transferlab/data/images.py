@@ -19,19 +19,14 @@ from typing import IO
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from transferlab.data.colour import to_rgb
 from transferlab.errors import ImageError, TransferlabError
 from transferlab.preprocess import Preprocess
 
 __all__ = [
-    "DECODE_VERSION",
-    "IMAGE_EXTENSIONS",
-    "MAX_PIXELS",
-    "bytes_digest",
-    "file_digest",
-    "load_image",
-    "open_rgb",
-    "png_bytes",
-]
+    "DECODE_VERSION", "IMAGE_EXTENSIONS", "MAX_PIXELS", "bytes_digest", "check_decodes",
+    "file_digest", "load_image", "open_rgb", "pixel_limit_problem", "png_bytes",
+]  # fmt: skip
 
 #: Bump whenever open_rgb/load_image change the pixels a model sees (resampling, EXIF, colour
 #: conversion, draft decoding): it is part of every feature-cache key, so cached features of the
@@ -69,7 +64,6 @@ _SUPPORT = {
 
 # EXIF orientations that swap width and height (transpose, rotate 90/270, transverse).
 _SWAPS_AXES = frozenset({5, 6, 7, 8})
-_WHITE = (255, 255, 255)
 _SIGNATURES = (
     (b"\x89PNG\r\n\x1a\n", "PNG"),
     (b"\xff\xd8\xff", "JPEG"),
@@ -101,6 +95,36 @@ def open_rgb(
     """
     img, _ = _decode(source, max_pixels, None if draft is None else lambda w, h: draft)
     return img
+
+
+def check_decodes(
+    source: str | os.PathLike[str] | bytes,
+    *,
+    max_pixels: int = MAX_PIXELS,
+    draft: tuple[int, int] = (32, 32),
+) -> tuple[int, int]:
+    """Prove ``source`` decodes, as cheaply as :func:`open_rgb` with ``draft`` (raising where it
+    would); return its displayed size (w, h), which the scan index keeps for later runs."""
+    seen: list[int] = []
+
+    def want(w: int, h: int) -> tuple[int, int]:
+        # _decode asks last with the final oriented header size, whatever the format.
+        seen[:] = (w, h)
+        return draft
+
+    _decode(source, max_pixels, want)
+    return seen[0], seen[1]
+
+
+def pixel_limit_problem(size: tuple[int, int], max_pixels: int) -> str | None:
+    """Why an image of ``size`` (w, h) is refused under ``max_pixels``, or None if it is not."""
+    w, h = size
+    if w * h <= max_pixels:
+        return None
+    return (
+        f"image is {w}×{h} = {w * h} pixels, over the limit of {max_pixels}; "
+        "raise --max-pixels if you trust it"
+    )
 
 
 def load_image(
@@ -218,13 +242,9 @@ def _sniff_format(head: bytes) -> str | None:
 
 
 def _check_pixels(size: tuple[int, int], name: str, max_pixels: int) -> None:
-    w, h = size
-    if w * h > max_pixels:
-        raise ImageError(
-            name,
-            f"image is {w}×{h} = {w * h} pixels, over the limit of {max_pixels}; "
-            "raise --max-pixels if you trust it",
-        )
+    problem = pixel_limit_problem(size, max_pixels)
+    if problem is not None:
+        raise ImageError(name, problem)
 
 
 def _orientation(img: Image.Image) -> int | None:
@@ -281,7 +301,7 @@ def _decode(
     if orientation not in (None, 1):
         ImageOps.exif_transpose(img, in_place=True)
     needed = (header_w, header_h) if want is None else want(header_w, header_h)
-    return _to_rgb(img, name), needed
+    return to_rgb(img, name), needed
 
 
 def _resized_size(w: int, h: int, pre: Preprocess) -> tuple[int, int]:
@@ -337,54 +357,3 @@ def _crop_offset(size: int, crop: int) -> int:
     if crop > size:
         return -((crop - size) // 2)
     return int(round((size - crop) / 2.0))
-
-
-def _to_rgb(img: Image.Image, name: str) -> Image.Image:
-    """Any Pillow mode → 8-bit RGB: alpha over white, 16-bit/float rescaled, never clipped."""
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode.startswith("I;16"):
-        return _gray_to_rgb(_scale_16bit(np.asarray(img)))
-    if mode == "I":
-        arr = np.asarray(img)
-        if arr.size == 0 or (arr.min() >= 0 and arr.max() <= 65535):
-            return _gray_to_rgb(_scale_16bit(arr))
-        return _gray_to_rgb(_stretch(arr))
-    if mode == "F":
-        arr = np.nan_to_num(np.asarray(img, dtype=np.float64))
-        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
-        if lo >= 0.0 and hi <= 1.0:
-            return _gray_to_rgb(np.rint(arr * 255.0).astype(np.uint8))
-        if lo >= 0.0 and hi <= 255.0:
-            return _gray_to_rgb(np.rint(arr).astype(np.uint8))
-        return _gray_to_rgb(_stretch(arr))
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
-    try:
-        if has_alpha:
-            rgba = img.convert("RGBA")
-            out = Image.new("RGB", rgba.size, _WHITE)
-            out.paste(rgba, mask=rgba.getchannel("A"))
-            return out
-        return img.convert("RGB")
-    except (ValueError, OSError) as exc:
-        raise ImageError(name, f"unsupported colour mode {mode!r}: {exc}") from None
-
-
-def _scale_16bit(arr: np.ndarray) -> np.ndarray:
-    """0..65535 → 0..255 with rounding (65535 → 255, 32768 → 128), the inverse of ×257."""
-    wide = arr.astype(np.uint32)
-    return ((wide * 255 + 32767) // 65535).astype(np.uint8)
-
-
-def _stretch(arr: np.ndarray) -> np.ndarray:
-    """Min–max stretch for data with no natural range (signed 32-bit, arbitrary floats)."""
-    arr = arr.astype(np.float64)
-    lo, hi = float(arr.min()), float(arr.max())
-    if not math.isfinite(hi - lo) or hi <= lo:
-        return np.zeros(arr.shape, dtype=np.uint8)
-    return np.rint((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
-
-
-def _gray_to_rgb(gray: np.ndarray) -> Image.Image:
-    return Image.fromarray(np.ascontiguousarray(gray)).convert("RGB")

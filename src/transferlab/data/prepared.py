@@ -2,7 +2,8 @@
 
 discover (layouts → index) → scan (digest + decode check of every file) → :class:`PreparedData`:
 unusable files are reported and skipped (or fail the run with ``strict``), and the same picture
-in two splits is reported as leakage.
+in two splits is reported as leakage. The scan index of the dataset root (under the cache dir)
+answers for files unchanged since the last run, so only new or changed ones are read.
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ def prepare_data(data: str | os.PathLike, config: FitConfig) -> PreparedData:
             workers=config.workers,
             max_pixels=config.max_pixels,
             on_progress=advance,
+            index_root=index.root,
+            cache_dir=config.cache_dir,
         )
     bad = dict(scan.failures)
     skipped = list(index.unusable) + [(samples[i].path, reason) for i, reason in scan.failures]
@@ -105,12 +108,15 @@ def prepare_data(data: str | os.PathLike, config: FitConfig) -> PreparedData:
                 digests=[scan.digests[i] for i, _ in rows],
             )
     _check_trainable(data, index, splits)
-    info(_summary_line(data, index, splits, len(skipped)))
+    info(_summary_line(data, index, splits, len(skipped), scan.unchanged))
     return PreparedData(index=index, splits=splits, skipped=skipped, duplicates=duplicates)
 
 
-def _summary_line(data: Any, index: DatasetIndex, splits: dict[str, Split], n_skipped: int) -> str:
-    """What was found, said before any work is spent on it: counts per split, what was carved."""
+def _summary_line(
+    data: Any, index: DatasetIndex, splits: dict[str, Split], n_skipped: int, unchanged: int
+) -> str:
+    """What was found, said before any work is spent on it: counts per split, what was carved,
+    how many files the scan index vouched for without reading them."""
     n = sum(len(s) for s in splits.values())
     classes = ", ".join(index.classes)
     line = f"found {n} images in {len(index.classes)} classes ({classes}) in {data}"
@@ -125,6 +131,9 @@ def _summary_line(data: Any, index: DatasetIndex, splits: dict[str, Split], n_sk
         line += f"; carved from {generated['from']} ({', '.join(carved)}, seed {generated['seed']})"
     if n_skipped:
         line += f"; {n_skipped} skipped (listed above)"
+    if unchanged:
+        n_files = len(index.samples)
+        line += f"; {unchanged:,} of {n_files:,} files unchanged since the last check (not read)"
     return line
 
 

@@ -1,6 +1,7 @@
 """Error analysis on a trained run: what it gets wrong, and which training labels to doubt.
 
-* :func:`top_losses` / :func:`most_confused` / :func:`suspect_labels`: where to look first;
+* :func:`top_losses` / :func:`most_confused` / :func:`suspect_labels`: where to look first
+  (:func:`stratified_sample` bounds the label-error search on large training sets);
 * :func:`save_predictions` / :func:`load_predictions`: per-image results in ``predictions.csv``,
   so runs can be compared image by image (:mod:`transferlab.evaluation.compare`).
 
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "load_predictions", "most_confused", "out_of_fold_probs", "save_predictions",
-    "suspect_labels", "top_losses", "train_out_of_fold_probs",
+    "stratified_sample", "suspect_labels", "top_losses", "train_out_of_fold_probs",
 ]  # fmt: skip
 
 _EPS = 1e-15  # probability floor for -log p (a confident miss costs ~34.5, not inf)
@@ -193,6 +194,25 @@ def out_of_fold_probs(
         )
         out[held] = softmax(head.predict_logits(x[held]))
     return out
+
+
+def stratified_sample(
+    labels: np.ndarray, n: int, *, seed: int = 0, min_per_class: int = 5
+) -> np.ndarray:
+    """Sorted row indices of a seeded sample of about ``n`` rows, each class in proportion to
+    its share of ``labels`` but with at least ``min_per_class`` rows (or all it has), so that a
+    k-fold search on the sample still sees every class in every fold. All rows when there are
+    no more than ``n``. The sample never exceeds ``n + min_per_class × classes`` rows."""
+    y = np.asarray(labels, dtype=np.int64)
+    if len(y) <= n:
+        return np.arange(len(y))
+    rng = np.random.default_rng(seed)
+    picks = []
+    for cls in np.unique(y):
+        members = np.flatnonzero(y == cls)
+        take = min(len(members), max(min_per_class, round(n * len(members) / len(y))))
+        picks.append(rng.choice(members, size=take, replace=False))
+    return np.sort(np.concatenate(picks))
 
 
 def train_out_of_fold_probs(

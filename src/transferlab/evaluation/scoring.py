@@ -2,17 +2,17 @@
 augmentation and temperature scaling — what ``Classifier.evaluate`` and every analysis build on.
 
 Splits of a saved run are rebuilt from its ``data.json`` (no re-scan: the digests needed by the
-feature cache are re-hashed, which is I/O, not decoding) or, from a dataset folder given
-explicitly, by :func:`prepare_run_data`: discovered and decode-checked exactly as ``fit`` does,
-so unusable files are reported and skipped instead of failing the evaluation. The frozen-body
-strategies then get their features from the cache, so everything here costs seconds.
+feature cache come from the dataset's scan index; only files changed since are re-hashed) or,
+from a dataset folder given explicitly, by :func:`prepare_run_data`: discovered and
+decode-checked exactly as ``fit`` does, so unusable files are reported and skipped instead of
+failing the evaluation. The frozen-body strategies then get their features from the cache, so
+everything here costs seconds.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,9 +22,9 @@ import torch
 
 from transferlab.config import TTA_MODES, FitConfig
 from transferlab.data.discover import DatasetIndex
-from transferlab.data.images import file_digest
 from transferlab.data.loader import iter_decoded
 from transferlab.data.prepared import PreparedData, Split, prepare_data
+from transferlab.data.scan import file_digests
 from transferlab.errors import TransferlabError
 from transferlab.evaluation.metrics import (
     classification_report,
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 __all__ = [
     "SUMMARY_KEYS", "calibrate", "classifier_split", "evaluate_split", "head_logits",
     "evaluation_data", "prepare_run_data", "resolve_splits", "split_features", "split_logits",
-    "tta_probs",
+    "tta_probs", "with_digests",
 ]  # fmt: skip
 
 SUMMARY_KEYS = ("n", "accuracy", "accuracy_ci95", "balanced_accuracy", "log_loss", "ece")
@@ -90,8 +90,8 @@ def resolve_splits(
     goes through :func:`prepare_run_data` with the run's configuration (``config``; default:
     the run folder's ``model.json``): unusable files are skipped as at fit time. ``prepared``:
     that result already computed (one scan serves several calls). Splits with no images are
-    left out. ``digests=False`` skips hashing of the recorded images (digests are then empty
-    strings: fine for showing images, not for the feature cache).
+    left out. Recorded images' digests come from :func:`with_digests`; ``digests=False``
+    leaves them empty strings (fine for showing images, not for the feature cache).
     """
     run = None if isinstance(source, Mapping) else Path(source)
     if prepared is None and data is not None:
@@ -107,7 +107,8 @@ def resolve_splits(
         return {name: prepared.splits[name] for name in names if name in prepared.splits}
 
     summary = source if run is None else read_run_json(run, DATA_FILE)
-    return _recorded_splits(summary, run, names, classes, digests=digests)
+    cache_dir = (config or {}).get("cache_dir")  # where the run's scan index is
+    return _recorded_splits(summary, run, names, classes, digests=digests, cache_dir=cache_dir)
 
 
 def _recorded_splits(
@@ -117,6 +118,7 @@ def _recorded_splits(
     classes: Sequence[str] | None,
     *,
     digests: bool,
+    cache_dir: str | None = None,
 ) -> dict[str, Split]:
     """The exact images a run saw (its data summary), minus the ones it skipped."""
     if not summary or "index" not in summary:
@@ -129,6 +131,7 @@ def _recorded_splits(
     classes = list(classes) if classes is not None else list(index.classes)
     if list(index.classes) != classes:
         raise TransferlabError(f"{run}: classes {index.classes} differ from the model's {classes}")
+    label_of = {c: i for i, c in enumerate(classes)}
     out: dict[str, Split] = {}
     for name in names:
         samples = [s for s in index.split(name) if s.path not in skipped]
@@ -140,13 +143,28 @@ def _recorded_splits(
                 f"{missing[0]}: missing ({len(missing)} image(s) of the '{name}' split are gone; "
                 "pass the dataset folder if it moved)"
             )
-        paths = [s.path for s in samples]
         out[name] = Split(
-            paths=paths,
-            labels=np.array([classes.index(s.label) for s in samples], dtype=np.int64),
-            digests=_digests(paths) if digests else [""] * len(paths),
+            paths=[s.path for s in samples],
+            labels=np.array([label_of[s.label] for s in samples], dtype=np.int64),
+            digests=[""] * len(samples),
         )
-    return out
+    return with_digests(out, index.root, cache_dir) if digests else out
+
+
+def with_digests(
+    splits: Mapping[str, Split],
+    root: str | os.PathLike[str],
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> dict[str, Split]:
+    """``splits`` with the content digests of their images, as the feature cache keys them:
+    from the scan index of dataset ``root`` (under ``cache_dir``) for files unchanged since
+    they were scanned, hashed otherwise; one look-up for all the splits."""
+    paths = [p for split in splits.values() for p in split.paths]
+    digests = iter(file_digests(paths, index_root=root, cache_dir=cache_dir))
+    return {
+        name: replace(split, digests=[next(digests) for _ in split.paths])
+        for name, split in splits.items()
+    }
 
 
 def classifier_split(
@@ -167,12 +185,6 @@ def classifier_split(
     if name not in splits:
         raise TransferlabError(f"no '{name}' split in the data")
     return splits[name]
-
-
-def _digests(paths: Sequence[str]) -> list[str]:
-    # hashlib releases the GIL: threads overlap the reads, a few hundred files take ~0.1 s.
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        return list(pool.map(file_digest, paths))
 
 
 def head_logits(classifier: Classifier, features: np.ndarray) -> np.ndarray:

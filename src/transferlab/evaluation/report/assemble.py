@@ -55,13 +55,14 @@ def build_report(
     comparison chart, table and McNemar tests against the best rung. ``gradcam`` / ``top_k`` /
     ``thumbnails`` size the galleries; ``suspects`` lists training images whose label an
     out-of-fold head disputes (default: only for runs with an unchanged pretrained body,
-    whose training features are cached). With ``write_predictions`` the per-image val/test
-    predictions go to ``run_dir/predictions.csv`` (used by ``compare_runs``). ``classifier``:
-    the run's model already in memory (``fit`` passes its own: saves reloading the body and
-    reuses its feature runtime). ``data`` is scanned as ``fit`` scans (unusable files are
-    skipped and listed in the Dataset section); ``prepared``: that scan when the caller already
-    has it (:func:`transferlab.evaluation.scoring.prepare_run_data` of ``data``).
-    Prints the build time and size.
+    whose training features are cached; searched on a bounded sample). With
+    ``write_predictions`` the per-image val/test predictions go to ``run_dir/predictions.csv``
+    (used by ``compare_runs``). ``classifier``: the run's model already in memory (``fit``
+    passes its own: saves reloading the body and reuses its feature runtime). ``data`` is
+    scanned as ``fit`` scans (unusable files are skipped and listed in the Dataset section);
+    ``prepared``: that scan when the caller already has it
+    (:func:`transferlab.evaluation.scoring.prepare_run_data` of ``data``). Prints the build
+    time and size.
     """
     t0 = time.perf_counter()
     run = Path(run_dir)

@@ -23,6 +23,8 @@ from transferlab.model import softmax
 from transferlab.runs import DATA_FILE, HISTORY_FILE, METRICS_FILE
 from transferlab.storage import read_json
 
+_SPLITS = ("train", "val", "test")
+
 
 @dataclass
 class Section:
@@ -73,6 +75,8 @@ class RunContext:
         self._prepared_error: str | None = None
         self._splits: dict[str, Split] | None = None
         self._split_error: str | None = None
+        self._recorded: dict[str, Split | TransferlabError] | None = None
+        self._digested: set[str] = set()  # recorded splits whose digests were looked up
         self.logits: dict[str, np.ndarray] = {}
 
     def _json(self, name: str, default: Any) -> Any:
@@ -121,12 +125,53 @@ class RunContext:
         return self._prepared
 
     def resolve(self, names: Sequence[str], *, digests: bool = True) -> dict[str, Split]:
-        """Splits of the given ``data`` (the one scan) or of the run's own ``data.json``."""
+        """Splits of the given ``data`` (the one scan) or of the run's own ``data.json`` (parsed
+        once per report; digests from the scan index, looked up once per split)."""
         if self.data is not None:
             return scoring.resolve_splits(
                 self.run, names, classes=self.classes, prepared=self.prepared()
             )
-        return scoring.resolve_splits(self.run, names, classes=self.classes, digests=digests)
+        if self._recorded is None:
+            self._recorded = self._recorded_splits()
+        for name in names:
+            if isinstance(self._recorded.get(name), TransferlabError):
+                raise self._recorded[name]
+        out: dict[str, Split] = {n: self._recorded[n] for n in names if n in self._recorded}
+        lacking = {n: sp for n, sp in out.items() if n not in self._digested}
+        if digests and lacking:
+            out.update(self._with_digests(lacking))
+            self._recorded.update(out)
+            self._digested.update(lacking)
+        return out
+
+    def digested(self, split: Split) -> Split:
+        """``split`` (e.g. a sample of a recorded split) with its images' content digests."""
+        if all(split.digests):
+            return split
+        return self._with_digests({"split": split})["split"]
+
+    def _with_digests(self, splits: dict[str, Split]) -> dict[str, Split]:
+        root = self.summary["index"]["root"]
+        return scoring.with_digests(splits, root, self.clf.saved.config.get("cache_dir"))
+
+    def _recorded_splits(self) -> dict[str, Split | TransferlabError]:
+        """Every split of the run's ``data.json``, without digests; a split whose images are
+        gone holds the error, so that only the sections needing it say so."""
+        try:
+            return dict(
+                scoring.resolve_splits(self.run, _SPLITS, classes=self.classes, digests=False)
+            )
+        except TransferlabError:
+            pass  # find out which split: once per split, only when something is missing
+        out: dict[str, Split | TransferlabError] = {}
+        for name in _SPLITS:
+            try:
+                out.update(
+                    scoring.resolve_splits(self.run, (name,), classes=self.classes, digests=False)
+                )
+            except TransferlabError as e:
+                out[name] = e
+        return out
 
     def splits(self) -> dict[str, Split]:
         """val/test with digests (for the feature cache); raises if the images are gone."""
