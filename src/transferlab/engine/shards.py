@@ -152,6 +152,11 @@ def _run_rank(fabric: Any, job: _Job) -> ShardReport:
     problem = _unshared_cache(ex, everyone, rank)
     for s in everyone:
         s["problem"] = problem
+    if world > 1 and torch.distributed.is_initialized():
+        # Stop gloo's threads before the rank exits: left to interpreter shutdown, a spawned
+        # rank sometimes aborts there ("terminate called without an active exception").
+        fabric.barrier()
+        torch.distributed.destroy_process_group()
     return ShardReport(
         images=len(job.digests),
         computed=sum(s["computed"] for s in everyone),
