@@ -43,7 +43,8 @@ TRACKERS: tuple[str, ...] = ("mlflow",)
 # that --help spells them out and each strategy reads its own from here.
 STRATEGY_DEFAULTS: dict[str, dict[str, Any]] = {
     "frozen": {"epochs": 50, "lr": 1e-3, "augment": "light"},
-    "finetune": {"epochs": 5, "lr": 1e-3, "augment": "light"},
+    # LP-FT (Kumar et al. 2022): from the phase-1 head, head and body at a low rate, briefly
+    "finetune": {"epochs": 2, "lr": 2e-5, "augment": "light"},
     "scratch-basic": {"epochs": 30, "lr": 1e-4, "augment": "none"},
     "scratch-regularized": {"epochs": 30, "lr": 1e-4, "augment": "none"},
     "scratch-timm": {"epochs": 30, "lr": 1e-3, "augment": "light"},
@@ -104,7 +105,7 @@ class FitConfig:
         None, f"none | tutorial | light | strong. Default: {_by_strategy('augment')}."
     )
     unfreeze: str = _opt("2", "finetune: top stages to unfreeze, or 'all'.")
-    lr_mult: float = _opt(0.1, "finetune: body LR multiplier.")
+    lr_mult: float = _opt(1.0, "finetune: body LR multiplier (1: head and body at --lr, LP-FT).")
     gradual: bool = _opt(False, "finetune: unfreeze one more stage per epoch.")
     bn: str = _opt("frozen", "BatchNorm policy: frozen | train")
     image_size: int | None = _opt(None, "Scratch CNN input size (tutorial: 150).")

@@ -4,7 +4,10 @@ A changed trainable set needs a fresh optimizer and a fresh DDP wrapper (DDP reg
 gradient hooks for the parameters that require grad at wrap time): one ``fabric.setup`` per stage
 inside one launched process group. Each epoch is :func:`transferlab.training.run_batches` over
 the stage's :class:`~transferlab.training.Stepper` at the configured schedule, then validation,
-best-epoch tracking (early stopping), checkpoints and a history row.
+best-epoch tracking (early stopping), checkpoints and a history row. A first stage with a
+``baseline`` makes the starting weights epoch 0's candidate: an epoch replaces them only by
+beating them on the monitor without a lower val accuracy, so a run never ends worse on val than it
+started (finetune: never below its phase-1 head).
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ class _State(Best):
     elapsed: float = 0.0  # training seconds so far, across resumes (the max_time budget)
     stop_reason: str | None = None
     trainable_params: int = 0
+    floor_acc: float | None = None  # the starting weights' val_acc (first stage's baseline)
     images: int = 0
     train_seconds: float = 0.0
     history: list[dict] = field(default_factory=list)
@@ -128,6 +132,8 @@ class Trainer:
     def run(self) -> RunOutput:
         if self.cfg.resume:
             self._restore()
+        else:
+            self._start_from_baseline()
         first_epoch = self.state.epoch
         self.net.to(self.fabric.device, memory_format=torch.channels_last)
         self.criterion.to(self.fabric.device)
@@ -139,12 +145,23 @@ class Trainer:
             info(self._nothing_left())
         if not self.best_state:
             self.best_state = cpu_state(self.net)
+        if self.state.floor_acc is not None and self.state.best_epoch == 0 and self.rank == 0:
+            info("no epoch beat the starting weights on val: they are the result (epoch 0)")
         self._save_checkpoints(improved=False)
         self.fabric.barrier()
         # Tensors returned from a spawned process travel as shared-memory handles that die with
         # it (before the caller reads them): such a caller reloads best.ckpt instead.
         in_caller = os.getpid() == self.job.caller_pid
         return RunOutput(best_state=self.best_state if in_caller else None, state=self.state)
+
+    def _start_from_baseline(self) -> None:
+        """The first stage's baseline makes the starting weights epoch 0's candidate for best."""
+        baseline = self.job.stages[0].baseline
+        if baseline is None or self.data.val_loader is None:
+            return
+        self.state.update(baseline[self.job.monitor], 0, self.monitor_mode)
+        self.state.floor_acc = baseline["val_acc"]
+        self.best_state = cpu_state(self.net)
 
     def _nothing_left(self) -> str:
         """Why a resumed run trained no epoch, and what would make it train."""
@@ -308,7 +325,10 @@ class Trainer:
             self.state.best_epoch = row["epoch"]
             self.best_state = {}
             return True
-        if self.state.update(score, row["epoch"], self.monitor_mode):
+        floor = self.state.floor_acc
+        if floor is not None and row["val_acc"] < floor:
+            self.state.wait += 1  # worse than the starting weights on val accuracy: never best
+        elif self.state.update(score, row["epoch"], self.monitor_mode):
             self.best_state = cpu_state(self.net)
             return True
         grace = self.state.epoch < self.job.min_epochs  # e.g. a from-scratch net still at chance

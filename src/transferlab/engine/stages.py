@@ -1,11 +1,12 @@
 """Stages and what they mean for one network: trainable parameters, frozen modules, autograd.
 
 A :class:`Stage` says what trains (``"head"``, the top ``K`` body stages, or ``"all"``), at which
-LR (body LR = ``lr * lr_mult``) and with which BatchNorm policy. :func:`plan_stage` turns it into a
-JSON-able :class:`StagePlan` (trainable parameter names, modules held in eval mode, where autograd
-starts, parameter groups with their LRs); the plan is stored in every checkpoint and *restored
-from it* on resume, so a resumed run can never silently re-freeze or re-group (Lightning #21901 /
-#6891).
+LR (body LR = ``lr * lr_mult``) and with which BatchNorm policy; the first stage may also carry
+the val ``baseline`` of the starting weights, which then compete for the best epoch as epoch 0.
+:func:`plan_stage` turns it into a JSON-able :class:`StagePlan` (trainable parameter names,
+modules held in eval mode, where autograd starts, parameter groups with their LRs); the plan is
+stored in every checkpoint and *restored from it* on resume, so a resumed run can never silently
+re-freeze or re-group (Lightning #21901 / #6891).
 
 Frozen means frozen: modules of frozen stages run in eval mode and *under no_grad* (autograd
 starts at the first trainable stage), so a frozen stage costs a forward pass only. ``bn="frozen"``
@@ -42,6 +43,10 @@ class Stage:
     lr: float = 1e-3
     lr_mult: float = 1.0  # body LR = lr * lr_mult (the head trains at lr)
     bn: str = "frozen"  # frozen: every body BatchNorm in eval mode | train
+    # First stage only: {"val_loss", "val_acc"} of the weights training starts from (e.g. a head
+    # fitted on cached features). They compete as epoch 0: an epoch replaces them only if it
+    # beats them on the monitor without a lower val_acc, so training never ends worse on val.
+    baseline: dict[str, float] | None = None
 
     def check(self) -> Stage:
         ok_trainable = self.trainable in ("head", "all") or (
@@ -61,6 +66,14 @@ class Stage:
             )
         if self.bn not in BN_POLICIES:
             raise TransferlabError(f"--bn {self.bn!r} is unknown; choose one of {BN_POLICIES}")
+        if self.baseline is not None and (
+            set(self.baseline) != {"val_loss", "val_acc"}
+            or not all(math.isfinite(v) for v in self.baseline.values())
+        ):
+            raise TransferlabError(
+                f"stage {self.name!r}: baseline must be finite val_loss and val_acc; got "
+                f"{self.baseline!r}"
+            )
         return self
 
 

@@ -129,6 +129,8 @@ def run_setup(ctx: StrategyContext, setup: TrainSetup) -> StrategyResult:
         "seconds": res.seconds,
         "epochs": res.epochs,
         "best_epoch": res.best_epoch,
+        # the starting weights (a phase-1 head) won on val: training did not earn its keep
+        "kept_start": res.best_epoch == 0 and setup.stages[0].baseline is not None,
         "stop_reason": res.stop_reason,
         "trainable_params": res.trainable_params,
         "images_per_s": res.images_per_s,
