@@ -16,7 +16,17 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "transferlab"
 # Lower index = lower layer. A module may import from its own layer (no cycles) and those below.
 LAYERS: list[tuple[str, ...]] = [
     # basics
-    ("transferlab", "errors", "progress", "system", "storage", "config", "preprocess"),
+    # (evaluation.stats: numpy statistics, the CIs that rank's probe uses too)
+    (
+        "transferlab",
+        "errors",
+        "progress",
+        "system",
+        "storage",
+        "config",
+        "preprocess",
+        "evaluation.stats",
+    ),  # fmt: skip
     # data in, augmentation, the feature cache
     ("data", "augment", "cache"),
     # networks and how they run
@@ -53,7 +63,7 @@ LAYERS: list[tuple[str, ...]] = [
         "lr_find",
         "doctor",
         "cache_admin",
-        "curve",
+        "learning_curve",
     ),  # fmt: skip
     # the command line
     ("cli", "cli_see", "cli_ship", "cli_runs", "cli_choose", "cli_scale", "__main__"),

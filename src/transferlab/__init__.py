@@ -33,6 +33,8 @@ _LAZY = {
     "report": "transferlab.evaluation.report.notebook",
     "export_model": "transferlab.export",
     "split_folder": "transferlab.data.split",
+    "rank": "transferlab.selection.rank",
+    "curve": "transferlab.learning_curve",
 }
 __all__ = [*_LAZY, "__version__"]
 

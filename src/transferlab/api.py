@@ -8,7 +8,6 @@ DATA → discover (index of path/label/split) → scan (digest + decode check, l
 from __future__ import annotations
 
 import os
-import random
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 
 from transferlab.backbones import Backbone
-from transferlab.config import FitConfig, config_from, with_options
+from transferlab.config import AUTO, FitConfig, config_from, with_options
 from transferlab.data.prepared import PreparedData, Split, prepare_data
 from transferlab.errors import TransferlabError
 from transferlab.evaluation.card import ClassifierViews
@@ -42,6 +41,7 @@ from transferlab.provenance import (
     write_provenance,
 )
 from transferlab.runs import (
+    AUTO_FILE,
     DATA_FILE,
     HISTORY_FILE,
     METRICS_FILE,
@@ -60,14 +60,8 @@ from transferlab.strategies import (
     ignored_options,
     strategy_context,
 )
-from transferlab.system import is_rank_zero
+from transferlab.system import is_rank_zero, seed_everything
 from transferlab.tracking import finish_fit
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def fit(
@@ -112,10 +106,7 @@ def _fit(
     work = None  # OUT.partial: the run is built there and renamed to OUT when complete
     if out_path is not None:
         work = begin_run(out_path, data, config) if is_rank_zero() else partial_dir(out_path)
-    ctx = strategy_context(prepared, config, work or Path(os.devnull))  # backbone built here
-    t0 = time.perf_counter()
-    result = STRATEGIES[config.strategy].run(ctx)
-    ctx.timings["train_s"] = time.perf_counter() - t0
+    ctx, result, auto = _train(prepared, config, work or Path(os.devnull))
     clf = Classifier(
         SavedModel(
             net=result.net.eval(),
@@ -123,8 +114,8 @@ def _fit(
             preprocess=result.preprocess,
             body=result.body,
             head=result.head,
-            strategy=config.strategy,
-            config=config.to_dict(),
+            strategy=ctx.config.strategy,  # auto: the one it chose (auto.json says why)
+            config=ctx.config.to_dict(),
         )
     )
     if ctx.extractor is not None and not result.body.get("trained"):
@@ -134,10 +125,31 @@ def _fit(
     clf.history = result.history
     clf.data_summary = prepared.summary()
     clf.inputs = input_manifest(prepared)  # provenance.json's manifest, from the scan's digests
+    if auto is not None:
+        clf.metrics["auto"] = {k: auto[k] for k in ("chosen", "tried", "seconds", "time_budget_s")}
     if work is not None and out_path is not None and is_rank_zero():
+        if auto is not None:
+            write_json(work / AUTO_FILE, auto)  # sealed with the run by the save below
         clf.run_dir = finish_run(work, out_path, clf.save)
     finish_fit(clf, out_path)  # --track mlflow
     return clf
+
+
+def _train(
+    prepared: PreparedData, config: FitConfig, out: Path
+) -> tuple[StrategyContext, StrategyResult, dict[str, Any] | None]:
+    """The strategy's training, or auto's choice among strategies (then: its record)."""
+    t0 = time.perf_counter()
+    if config.strategy == AUTO:
+        from transferlab.selection.auto import fit_auto  # rank, LogME: only auto needs them
+
+        choice = fit_auto(prepared, config, out)
+        ctx, result, record = choice.ctx, choice.result, choice.record
+    else:
+        ctx = strategy_context(prepared, config, out)  # the backbone is built here
+        result, record = STRATEGIES[config.strategy].run(ctx), None
+    ctx.timings["train_s"] = time.perf_counter() - t0
+    return ctx, result, record
 
 
 def _fit_metrics(

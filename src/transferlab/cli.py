@@ -380,6 +380,7 @@ def convolve(
     out_console.print(str(convolve_file(image, kernel, out)))
 
 
+from transferlab.cli_choose import register as _register_choose  # noqa: E402
 from transferlab.cli_runs import register as _register_runs  # noqa: E402
 from transferlab.cli_scale import register as _register_scale  # noqa: E402
 from transferlab.cli_see import register as _register_see  # noqa: E402
@@ -388,4 +389,5 @@ from transferlab.cli_ship import register as _register_ship  # noqa: E402
 _register_see(app)
 _register_ship(app)
 _register_runs(app)
+_register_choose(app)
 _register_scale(app)

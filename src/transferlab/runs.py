@@ -45,10 +45,10 @@ from transferlab.storage import (
 from transferlab.system import library_versions
 
 __all__ = [
-    "BEST_CKPT", "BODY_FILE", "CHECKPOINT_DIR", "COMPARE_FILE", "COMPARE_PNG", "CURVES_PNG",
-    "DATA_FILE", "FORMAT_VERSION", "HEAD_FILE", "HISTORY_CSV", "HISTORY_FILE", "LADDER_FILE",
-    "LADDER_MD", "LADDER_PNG", "LAST_CKPT", "METRICS_FILE", "MODEL_FILE", "PREDICTIONS_FILE",
-    "REPORT_FILE", "SavedModel", "is_run_dir", "read_run_json",
+    "AUTO_FILE", "BEST_CKPT", "BODY_FILE", "CHECKPOINT_DIR", "COMPARE_FILE", "COMPARE_PNG",
+    "CURVES_PNG", "DATA_FILE", "FORMAT_VERSION", "HEAD_FILE", "HISTORY_CSV", "HISTORY_FILE",
+    "LADDER_FILE", "LADDER_MD", "LADDER_PNG", "LAST_CKPT", "METRICS_FILE", "MODEL_FILE",
+    "PREDICTIONS_FILE", "REPORT_FILE", "SavedModel", "is_run_dir", "read_run_json",
 ]  # fmt: skip
 
 FORMAT_VERSION = 1
@@ -62,6 +62,7 @@ CURVES_PNG = "curves.png"
 REPORT_FILE = "report.html"
 PREDICTIONS_FILE = "predictions.csv"
 LADDER_FILE = "ladder.json"
+AUTO_FILE = "auto.json"  # fit --strategy auto: what it tried, what each scored, why it chose
 # A run is built in OUT.partial (checkpoints included) and renamed to OUT when it is complete:
 # a crash, Ctrl-C or full disk never leaves a half run in OUT nor replaces a finished one.
 PARTIAL_SUFFIX = ".partial"

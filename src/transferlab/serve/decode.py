@@ -1,6 +1,7 @@
 """From a request body to model-ready pixels: the uploaded files (multipart field ``file``,
-base64 in JSON, or one image as the raw body), each sniffed by its magic bytes (never its name or content type), its pixel
-count checked from the header before decoding, then decoded with the model's preprocessing."""
+base64 in JSON, or one image as the raw body), each sniffed by its magic bytes (never its name
+or content type), its pixel count checked from the header before decoding, then decoded with
+the model's preprocessing."""
 
 from __future__ import annotations
 

@@ -45,8 +45,8 @@ ERROR_RESPONSES = {
     504: {"model": ErrorBody, "description": "The request took longer than the server's timeout"},
 }
 
-# /predict reads the raw request (multipart, JSON or a raw image, sniffed by hand), so FastAPI cannot infer
-# its body from the handler's signature: it is described here for the OpenAPI schema.
+# /predict reads the raw request (multipart, JSON or a raw image, sniffed by hand), so FastAPI
+# cannot infer its body from the handler's signature: it is described here for the OpenAPI schema.
 PREDICT_BODY = {
     "required": True,
     "content": {

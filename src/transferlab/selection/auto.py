@@ -1,0 +1,162 @@
+"""``fit --strategy auto --time-budget 10m``: the backbone and the recipe, chosen for this data
+within a wall-clock budget, every choice made on train/val (never test).
+
+1. **Rank** the candidates (``--backbone`` if given, else every offline weights folder): LogME +
+   a k-fold linear probe on train + val (:mod:`.rank`); their features land in the cache.
+2. **Features + linear head** on the best few by CV accuracy: seconds each, the features being
+   cached; scored on val (on the CV accuracy when there is no val split).
+3. **Fine-tune** the best of them when what is left of the budget covers the estimated cost
+   (``--max-time`` caps it at what is left); kept only when it beats its features head on val.
+
+What was tried, what each scored and cost, and why the winner won go to ``auto.json`` in the run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from transferlab.augment import normalizer
+from transferlab.config import DEFAULT_BACKBONE, FitConfig
+from transferlab.data.loader import iter_decoded
+from transferlab.data.prepared import PreparedData, Split
+from transferlab.progress import info
+from transferlab.selection.rank import offline_backbones, rank
+from transferlab.strategies import STRATEGIES, StrategyContext, StrategyResult, strategy_context
+
+__all__ = ["AutoChoice", "fit_auto"]
+
+HEADS_TRIED = 2  # features heads on the top candidates: cheap, and the CV ranking is noisy
+FINETUNE_SHARE = 0.85  # of what is left for fine-tuning (evaluation and saving come after)
+# Fine-tuning's throughput relative to extraction's (forward + backward on the top stages,
+# augmented decode, measured ~1/4 on CPU), for the cost estimate before deciding to try it.
+TRAIN_VS_EXTRACT = 0.25
+
+
+@dataclass
+class AutoChoice:
+    """The winner (its strategy result and context, as fit continues with them) and the record."""
+
+    result: StrategyResult
+    ctx: StrategyContext
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def fit_auto(prepared: PreparedData, config: FitConfig, out: Path) -> AutoChoice:
+    """Choose and train (module docstring); the budget counts from this call."""
+    t0, budget = time.perf_counter(), config.budget_seconds()
+    specs = [config.backbone] if config.backbone != DEFAULT_BACKBONE else _candidates()
+    ranked = rank(prepared.index.root, backbones=specs, prepared=prepared, config=config)
+    top = sorted(ranked.candidates, key=lambda c: -c.cv_accuracy)[:HEADS_TRIED]
+    tried: list[dict[str, Any]] = []
+    scored = []
+    for cand in top:
+        cfg = replace(config, strategy="features", backbone=cand.backbone)
+        scored.append(_try(prepared, cfg, out, fallback=cand.cv_accuracy))
+        tried.append(scored[-1][1])
+    winner, row = max(scored, key=lambda pair: pair[1]["score"])
+    left = budget - (time.perf_counter() - t0)
+    estimate = _finetune_estimate(config, prepared, top[0].images_per_s)
+    if prepared.splits.get("val") is None:
+        tried.append({"strategy": "finetune", "skipped": "no val split to judge it on"})
+    elif left < estimate:
+        tried.append({"strategy": "finetune", "skipped": f"~{estimate:.0f} s, {left:.0f} s left"})
+    else:
+        cfg = replace(winner.ctx.config, strategy="finetune", max_time=left * FINETUNE_SHARE)
+        tuned, tuned_row = _try(prepared, cfg, out, fallback=-math.inf)
+        tried.append(tuned_row)
+        if tuned_row["score"] > row["score"]:
+            winner, row = tuned, tuned_row
+    seconds = time.perf_counter() - t0
+    winner.record = _record(config, budget, ranked.to_dict(), tried, row, seconds)
+    info(f"auto: {row['strategy']} on {row['backbone']} (val accuracy {row['val_accuracy']:.4f}) "
+         f"in {seconds:.0f} s of {budget:.0f}; auto.json says why")  # fmt: skip
+    return winner
+
+
+def _candidates() -> list[str]:
+    """Every offline weights folder (the default backbone first when it is one of them)."""
+    found = offline_backbones()
+    return sorted(found, key=lambda s: DEFAULT_BACKBONE not in s) or [DEFAULT_BACKBONE]
+
+
+def _try(
+    prepared: PreparedData, cfg: FitConfig, out: Path, *, fallback: float
+) -> tuple[AutoChoice, dict[str, Any]]:
+    """Train one (backbone, strategy) and score it on val: (accuracy, −log loss)."""
+    t0 = time.perf_counter()
+    ctx = strategy_context(prepared, cfg, out)
+    result = STRATEGIES[cfg.strategy].run(ctx)
+    val = prepared.splits.get("val")
+    if val is None:  # judged by the ranking's out-of-fold accuracy
+        acc, nll = fallback, math.nan
+    else:
+        probs = result.probs.get("val")
+        probs = _net_probs(result, val, cfg) if probs is None else probs
+        acc, nll = _accuracy_nll(probs, val.labels)
+    row = {
+        "strategy": cfg.strategy, "backbone": cfg.backbone, "val_accuracy": acc,
+        "val_log_loss": nll, "seconds": time.perf_counter() - t0,
+        "score": (acc, -nll if math.isfinite(nll) else 0.0),
+    }  # fmt: skip
+    info(f"auto: {cfg.strategy} on {cfg.backbone}: val accuracy {acc:.4f}, log loss {nll:.4f}")
+    return AutoChoice(result, ctx), row
+
+
+def _net_probs(result: StrategyResult, split: Split, cfg: FitConfig) -> np.ndarray:
+    """The trained network's probabilities on ``split`` (decoded as evaluation decodes; rows of
+    images that fail to decode stay NaN and are left out of the score)."""
+    net, norm = result.net.eval(), normalizer(result.preprocess)
+    out = np.full((len(split), int(split.labels.max()) + 1), np.nan)
+    with torch.inference_mode():
+        for batch in iter_decoded(split.paths, result.preprocess, batch_size=cfg.batch_size,
+                                  workers=cfg.workers, max_pixels=cfg.max_pixels):  # fmt: skip
+            if len(batch.indices):
+                logits = net(norm(torch.from_numpy(batch.images)))
+                out[batch.indices, : logits.shape[1]] = torch.softmax(logits, 1).numpy()
+    return out
+
+
+def _accuracy_nll(probs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    ok = ~np.isnan(probs).any(axis=1)
+    p, y = probs[ok], labels[ok]
+    acc = float((p.argmax(axis=1) == y).mean())
+    nll = float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, 1.0)).mean())
+    return acc, nll
+
+
+def _finetune_estimate(config: FitConfig, prepared: PreparedData, extract_rate: float) -> float:
+    """Seconds fine-tuning would take at the default epochs, from the measured extraction rate."""
+    epochs = FitConfig(strategy="finetune").resolved("epochs") if config.epochs is None else (
+        config.epochs)  # fmt: skip
+    images = len(prepared.splits["train"]) + len(prepared.splits.get("val") or ())
+    return epochs * images / max(extract_rate * TRAIN_VS_EXTRACT, 1e-9)
+
+
+def _record(
+    config: FitConfig,
+    budget: float,
+    ranking: dict[str, Any],
+    tried: list[dict[str, Any]],
+    chosen: dict[str, Any],
+    seconds: float,
+) -> dict[str, Any]:
+    def plain(row: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in row.items() if k != "score"}
+
+    return {
+        "time_budget_s": budget,
+        "seconds": seconds,
+        "ranking": ranking,
+        "tried": [plain(r) for r in tried],
+        "chosen": plain(chosen),
+        "why": "highest val accuracy, then lowest val log loss, among those tried (test unseen)",
+        "ensemble": "not tried: a single model is saved",
+        "config": {"strategy": "auto", "time_budget": config.time_budget},
+    }

@@ -1,0 +1,46 @@
+"""fit --strategy auto: a choice among strategies within a time budget, made on val, recorded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import transferlab
+from conftest import tiny_fit_options
+from transferlab.errors import TransferlabError
+
+
+def test_auto_within_a_small_budget_keeps_the_features_head(tiny_dataset, tmp_path):
+    """A budget too small for fine-tuning: the ranked backbone's features head is saved, the
+    skipped fine-tuning is said with its estimate, and the run loads and predicts as any run."""
+    run = tmp_path / "run"
+    clf = transferlab.fit(tiny_dataset, out=run, strategy="auto", time_budget="0.001s", epochs=1,
+                          **tiny_fit_options(tmp_path), verbose=False)  # fmt: skip
+    record = json.loads((run / "auto.json").read_text())
+    assert record["time_budget_s"] == 0.001
+    assert record["chosen"]["strategy"] == "features" == clf.saved.strategy
+    tried = {r["strategy"]: r for r in record["tried"]}
+    assert "s left" in tried["finetune"]["skipped"]
+    assert [c["backbone"] for c in record["ranking"]["candidates"]] == ["mobilenetv2_035"]
+    assert "test" not in json.dumps(record["tried"])  # chosen on val, test never read
+    again = transferlab.load(run)
+    assert again.metrics["auto"]["chosen"] == record["chosen"]
+    assert len(again.predict(str(tiny_dataset / "test"))) == 4
+
+
+def test_auto_tries_finetuning_when_the_budget_allows_and_keeps_the_better(tiny_dataset, tmp_path):
+    clf = transferlab.fit(tiny_dataset, strategy="auto", time_budget=600, epochs=1,
+                          **tiny_fit_options(tmp_path), verbose=False)  # fmt: skip
+    auto = clf.metrics["auto"]
+    rows = {r["strategy"]: r for r in auto["tried"]}
+    assert set(rows) == {"features", "finetune"} and "skipped" not in rows["finetune"]
+    best = max(rows.values(), key=lambda r: (r["val_accuracy"], -r["val_log_loss"]))
+    assert auto["chosen"]["strategy"] == best["strategy"] == clf.saved.strategy
+    assert clf.metrics["val"]["accuracy"] == pytest.approx(best["val_accuracy"])
+
+
+def test_a_bad_budget_is_refused_before_any_work(tiny_dataset, tmp_path):
+    with pytest.raises(TransferlabError, match="time_budget"):
+        transferlab.fit(tiny_dataset, strategy="auto", time_budget="soon",
+                        **tiny_fit_options(tmp_path))  # fmt: skip
