@@ -26,15 +26,20 @@ def _photo(path, colour, rng, size=48):
 COLOURS = {"red": (220, 40, 40), "blue": (40, 60, 220)}
 
 
-@pytest.fixture
-def split_data(tmp_path):
-    rng = np.random.default_rng(0)
-    root = tmp_path / "data"
-    for split, n in (("train", 12), ("val", 6), ("test", 6)):
+def photo_dataset(root, counts, *, size=48, seed=0):
+    """``root/{split}/{red,blue}/*.jpg`` with ``counts`` = ((split, images per class), …):
+    noisy images dominated by one colour."""
+    rng = np.random.default_rng(seed)
+    for split, n in counts:
         for cls, colour in COLOURS.items():
             for i in range(n):
-                _photo(root / split / cls / f"{cls}.{i}.jpg", colour, rng)
+                _photo(root / split / cls / f"{cls}.{i}.jpg", colour, rng, size=size)
     return root
+
+
+@pytest.fixture
+def split_data(tmp_path):
+    return photo_dataset(tmp_path / "data", (("train", 12), ("val", 6), ("test", 6)))
 
 
 def _fit(data, tmp_path, **kw):

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from test_api import COLOURS, TINY, _photo
+from test_api import COLOURS, TINY, _photo, photo_dataset
 
 
 def tl(*args, cwd=None, env=None):
@@ -34,12 +34,8 @@ def test_user_errors_are_one_line_not_a_traceback(tmp_path):
 
 
 def test_fit_evaluate_predict_round_trip(tmp_path):
-    rng = np.random.default_rng(0)
-    data = tmp_path / "data"
-    for split, n in (("train", 10), ("val", 4), ("test", 4)):
-        for cls, colour in COLOURS.items():
-            for i in range(n):
-                _photo(data / split / cls / f"{cls}.{i}.jpg", colour, rng)
+    rng = np.random.default_rng(1)
+    data = photo_dataset(tmp_path / "data", (("train", 10), ("val", 4), ("test", 4)))
     (tmp_path / "photos").mkdir()
     _photo(tmp_path / "photos" / "ünïcode red.jpg", COLOURS["red"], rng)
     (tmp_path / "photos" / "broken.jpg").write_text("hello")

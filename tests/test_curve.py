@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from test_api import COLOURS, _photo
+from test_api import photo_dataset
 from test_backbones import make_local_dir
 from transferlab.cli import app
 from transferlab.data.prepared import Split
@@ -83,13 +83,7 @@ def test_estimates_say_which_side_of_the_data_they_extrapolate_to():
 @pytest.fixture
 def data(tmp_path):
     """Red vs blue with heavy noise and a colour overlap, so small subsets do make mistakes."""
-    rng = np.random.default_rng(0)
-    root = tmp_path / "data"
-    for split, n in (("train", 12), ("val", 6), ("test", 10)):
-        for cls, colour in COLOURS.items():
-            for i in range(n):
-                _photo(root / split / cls / f"{cls}.{i}.jpg", colour, rng, size=32)
-    return root
+    return photo_dataset(tmp_path / "data", (("train", 12), ("val", 6), ("test", 10)), size=32)
 
 
 def test_curve_writes_json_png_html_and_refuses_other_folders(data, tmp_path):

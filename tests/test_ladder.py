@@ -8,20 +8,14 @@ import numpy as np
 import pytest
 
 import transferlab
-from test_api import COLOURS, TINY, _photo
+from test_api import TINY, photo_dataset
 from transferlab.errors import TransferlabError
 from transferlab.ladder import ladder
 
 
 @pytest.fixture
 def data(tmp_path):
-    rng = np.random.default_rng(0)
-    root = tmp_path / "data"
-    for split, n in (("train", 10), ("val", 5), ("test", 5)):
-        for cls, colour in COLOURS.items():
-            for i in range(n):
-                _photo(root / split / cls / f"{cls}.{i}.jpg", colour, rng)
-    return root
+    return photo_dataset(tmp_path / "data", (("train", 10), ("val", 5), ("test", 5)))
 
 
 def test_quick_ladder_writes_summary_charts_and_loadable_rungs(data, tmp_path):

@@ -13,19 +13,14 @@ import pytest
 from PIL import Image
 
 import transferlab
-from test_api import COLOURS, TINY, _photo
+from test_api import COLOURS, TINY, _photo, photo_dataset
 from transferlab.errors import ImageError, TransferlabError
 from transferlab.predict import UNKNOWN, PredictionEngine, iter_sources, read_done
 
 
 def make_dataset(root, counts=(("train", 6), ("val", 3), ("test", 3)), seed=0):
     """``root/{train,val,test}/{blue,red}/*.jpg``: noisy images dominated by one colour."""
-    rng = np.random.default_rng(seed)
-    for split, n in counts:
-        for cls, colour in COLOURS.items():
-            for i in range(n):
-                _photo(root / split / cls / f"{cls}.{i}.jpg", colour, rng)
-    return root
+    return photo_dataset(root, counts, seed=seed)
 
 
 def make_run(out, data, *, size=64, cache_dir=None):

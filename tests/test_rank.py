@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 import transferlab
-from test_api import COLOURS, _photo
+from test_api import photo_dataset
 from test_backbones import make_local_dir
 from transferlab.cli import app
 from transferlab.errors import TransferlabError
@@ -24,13 +24,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 @pytest.fixture
 def data(tmp_path):
-    rng = np.random.default_rng(0)
-    root = tmp_path / "data"
-    for split, n in (("train", 8), ("val", 4), ("test", 4)):
-        for cls, colour in COLOURS.items():
-            for i in range(n):
-                _photo(root / split / cls / f"{cls}.{i}.jpg", colour, rng, size=40)
-    return root
+    return photo_dataset(tmp_path / "data", (("train", 8), ("val", 4), ("test", 4)), size=40)
 
 
 @pytest.fixture(scope="module")
