@@ -26,6 +26,10 @@ def test_auto_within_a_small_budget_keeps_the_features_head(tiny_dataset, tmp_pa
     assert "test" not in json.dumps(record["tried"])  # chosen on val, test never read
     again = transferlab.load(run)
     assert again.metrics["auto"]["chosen"] == record["chosen"]
+    from transferlab.evaluation.report import build_report
+
+    page = build_report(run, gradcam=0).read_text()
+    assert "Auto: what was tried and why" in page and "features on mobilenetv2_035" in page
     assert len(again.predict(str(tiny_dataset / "test"))) == 4
 
 

@@ -17,6 +17,7 @@ from transferlab.evaluation import analysis
 from transferlab.evaluation.report.context import RunContext, Sections
 from transferlab.evaluation.report.render import render
 from transferlab.evaluation.report.rungs import best_rung_dir, load_ladder
+from transferlab.evaluation.report.sections_auto import auto_section
 from transferlab.evaluation.report.sections_cams import gradcam_section
 from transferlab.evaluation.report.sections_data import config_section, data_section
 from transferlab.evaluation.report.sections_errors import suspects_section, top_losses_section
@@ -28,7 +29,7 @@ from transferlab.evaluation.report.sections_metrics import (
     metrics_section,
 )
 from transferlab.progress import info, warn
-from transferlab.runs import LADDER_FILE, MODEL_FILE, REPORT_FILE, is_run_dir
+from transferlab.runs import AUTO_FILE, LADDER_FILE, MODEL_FILE, REPORT_FILE, is_run_dir
 from transferlab.storage import atomic_write_text
 
 
@@ -107,6 +108,8 @@ def _sections(
     plan: list[tuple[str, str, Callable[[], Mapping[str, Any]]]] = []
     if lad is not None:
         plan.append(("ladder", "Ladder: strategies compared", lambda: ladder_section(lad)))
+    if (ctx.run / AUTO_FILE).is_file():
+        plan.append(("auto", "Auto: what was tried and why", lambda: auto_section(ctx)))
     plan += [
         ("data", "Dataset", lambda: data_section(ctx, thumbnails)),
         ("config", "Configuration and environment", lambda: config_section(ctx)),

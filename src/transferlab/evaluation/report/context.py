@@ -20,7 +20,7 @@ from transferlab.errors import TransferlabError
 from transferlab.evaluation import scoring
 from transferlab.evaluation.report.render import render
 from transferlab.model import softmax
-from transferlab.runs import DATA_FILE, HISTORY_FILE, METRICS_FILE
+from transferlab.runs import AUTO_FILE, DATA_FILE, HISTORY_FILE, METRICS_FILE
 from transferlab.storage import read_json
 
 _SPLITS = ("train", "val", "test")
@@ -95,6 +95,11 @@ class RunContext:
     @property
     def metrics(self) -> dict[str, Any]:
         return self._json(METRICS_FILE, {})
+
+    @property
+    def auto(self) -> dict[str, Any]:
+        """``auto.json`` of a ``--strategy auto`` run (empty for any other)."""
+        return self._json(AUTO_FILE, {})
 
     @property
     def history(self) -> list[dict[str, Any]]:
