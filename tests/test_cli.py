@@ -113,8 +113,8 @@ def test_ctrl_c_says_how_to_resume_and_resume_finishes(tiny_dataset, tmp_path):
 
     args = [
         "fit", str(tiny_dataset), "--out", str(tmp_path / "run"), "--strategy", "scratch-basic",
-        "--backbone", TINY, "--no-pretrained", "--image-size", "64", "--epochs", "40",
-        "--patience", "100", "--engine", "torch", "--workers", "0", "--batch-size", "4",
+        "--backbone", TINY, "--no-pretrained", "--image-size", "64", "--epochs", "200",
+        "--patience", "1000", "--engine", "torch", "--workers", "0", "--batch-size", "4",
         "--cache-dir", str(tmp_path / "cache"),
     ]  # fmt: skip
     proc = subprocess.Popen(
@@ -144,7 +144,7 @@ def test_ctrl_c_says_how_to_resume_and_resume_finishes(tiny_dataset, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert not partial.exists()
     history = json.loads((run / "history.json").read_text())
-    assert len(history) == 40  # every epoch, the interrupted ones and the resumed ones
+    assert len(history) == 200  # every epoch, the interrupted ones and the resumed ones
     again = tl(*hint.split("resume with: transferlab ", 1)[1].split())
     assert again.returncode == 0 and "nothing left to train" in again.stderr
 

@@ -168,7 +168,7 @@ def _cache_dir_problem(cache_dir: str | None) -> list[str]:
     folder = Path(cache_dir).expanduser()
     if not os.path.lexists(folder):
         return []
-    if folder.is_dir() and any((folder / sub).is_dir() for sub in ("features", "exports")):
+    if folder.is_dir() and any((folder / sub).is_dir() for sub in ("features", "exports", "scans")):
         return []
     if folder.is_dir() and not any(folder.iterdir()):
         return []
