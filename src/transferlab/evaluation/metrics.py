@@ -169,7 +169,7 @@ def format_report_table(report: dict, classes: Sequence[str], title: str) -> Gro
     """A rich Table: one row per class (P/R/F1/support), macro average and accuracy rows; then
     one line with accuracy, its 95% CI and balanced accuracy (a line, not a caption: a caption
     is wrapped and padded to the table's width, which breaks it into space-padded pieces)."""
-    table = Table(title=title, title_justify="left")
+    table = Table()
     table.add_column("class", style="bold")
     for name in ("precision", "recall", "f1", "support"):
         table.add_column(name, justify="right")
@@ -199,4 +199,4 @@ def format_report_table(report: dict, classes: Sequence[str], title: str) -> Gro
         f"{report.get('ci_method', 'wilson')}) | balanced accuracy "
         f"{report['balanced_accuracy']:.1%} | n = {n}"
     )
-    return Group(table, Text(line))
+    return Group(Text(title, style="bold"), table, Text(line))  # a title line, unpadded
