@@ -98,7 +98,7 @@ def _try(
         acc, nll = fallback, math.nan
     else:
         probs = result.probs.get("val")
-        probs = _net_probs(result, val, cfg) if probs is None else probs
+        probs = _net_probs(result, val, cfg, len(ctx.classes)) if probs is None else probs
         acc, nll = _accuracy_nll(probs, val.labels)
     row = {
         "strategy": cfg.strategy, "backbone": cfg.backbone, "val_accuracy": acc,
@@ -109,17 +109,17 @@ def _try(
     return AutoChoice(result, ctx), row
 
 
-def _net_probs(result: StrategyResult, split: Split, cfg: FitConfig) -> np.ndarray:
+def _net_probs(result: StrategyResult, split: Split, cfg: FitConfig, classes: int) -> np.ndarray:
     """The trained network's probabilities on ``split`` (decoded as evaluation decodes; rows of
     images that fail to decode stay NaN and are left out of the score)."""
     net, norm = result.net.eval(), normalizer(result.preprocess)
-    out = np.full((len(split), int(split.labels.max()) + 1), np.nan)
+    out = np.full((len(split), classes), np.nan)
     with torch.inference_mode():
         for batch in iter_decoded(split.paths, result.preprocess, batch_size=cfg.batch_size,
                                   workers=cfg.workers, max_pixels=cfg.max_pixels):  # fmt: skip
             if len(batch.indices):
                 logits = net(norm(torch.from_numpy(batch.images)))
-                out[batch.indices, : logits.shape[1]] = torch.softmax(logits, 1).numpy()
+                out[batch.indices] = torch.softmax(logits, 1).numpy()
     return out
 
 
