@@ -202,3 +202,19 @@ def test_quiet_anywhere_and_piped_tables_keep_whole_paths(tiny_dataset, tmp_path
     assert r.returncode == 0, r.stderr
     assert str(deep / "picture_with_a_long_descriptive_name.jpg") in r.stdout
     assert len(str(deep)) > 120
+
+
+def test_a_foreign_partial_folder_is_never_touched(tiny_dataset, tmp_path):
+    """OUT.partial that transferlab did not make (no incomplete.json) is refused, not removed."""
+    import pytest
+
+    import transferlab
+    from conftest import tiny_fit_options
+    from transferlab.errors import TransferlabError
+
+    mine = tmp_path / "run.partial"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(TransferlabError, match="not an interrupted transferlab run"):
+        transferlab.fit(tiny_dataset, out=tmp_path / "run", **tiny_fit_options(tmp_path))
+    assert (mine / "notes.txt").read_text() == "keep me"

@@ -82,8 +82,14 @@ def check_out_folder(out: str | os.PathLike, *, replace: bool) -> None:
     """Refuse, before any work, an ``--out`` that would lose or mix data: a file, a folder
     holding something else, another run or an interrupted one with checkpoints (unless
     ``replace``: --overwrite or --resume)."""
-    out = Path(out)
-    if not replace and (partial_dir(out) / CHECKPOINT_DIR).is_dir():
+    out, work = Path(out), partial_dir(out)
+    ours = any((work / name).exists() for name in (INCOMPLETE_FILE, MODEL_FILE, CHECKPOINT_DIR))
+    if work.exists() and not ours and any(work.iterdir()):
+        raise TransferlabError(  # not ours: never removed or written into
+            f"{work} exists and is not an interrupted transferlab run; move it away or give "
+            "another --out (nothing written)"
+        )
+    if not replace and (work / CHECKPOINT_DIR).is_dir():
         raise TransferlabError(
             f"{incomplete_note(out)}; or pass --overwrite to start over (nothing written)"
         )
