@@ -62,7 +62,8 @@ def fit_auto(prepared: PreparedData, config: FitConfig, out: Path) -> AutoChoice
         tried.append(scored[-1][1])
     winner, row = max(scored, key=lambda pair: pair[1]["score"])
     left = budget - (time.perf_counter() - t0)
-    estimate = _finetune_estimate(config, prepared, top[0].images_per_s)
+    rate = next(c.images_per_s for c in top if c.backbone == row["backbone"])
+    estimate = _finetune_estimate(config, prepared, rate)  # of the winner's backbone
     if prepared.splits.get("val") is None:
         tried.append({"strategy": "finetune", "skipped": "no val split to judge it on"})
     elif left < estimate:
