@@ -1,8 +1,8 @@
 """CLI commands that choose for the user: ``rank`` (which backbone) and ``curve`` (how much data).
 
 ``cli.py`` calls :func:`register` once to add them to its typer app. Each command calls the
-Python API (``selection.rank``, ``learning_curve``) and prints a table. The ``FitConfig`` options they
-take are declared here with the field's own help text (:func:`_field`), not with
+Python API (``selection.rank``, ``learning_curve``) and prints a table. The ``FitConfig``
+options they take are declared here with the field's own help text (:func:`_field`), not with
 ``cli.config_options``: importing ``cli`` from here would tie the two modules in a cycle.
 """
 
