@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from transferlab.export.metadata import INPUT_NAME, METADATA_KEY, OUTPUT_NAME
-from transferlab.runtime.graph import trace_onnx
+from transferlab.runtime.graph import ort_session, trace_onnx
 
 __all__ = [
     "export_onnx", "ort_session", "run_batched", "set_onnx_metadata", "time_session",
@@ -49,22 +49,6 @@ def set_onnx_metadata(proto: Any, meta: dict[str, Any]) -> None:
             "input_layout": "NCHW uint8 RGB",
         },
     )
-
-
-def ort_session(path: Path, threads: int, *, spin: bool = True) -> Any:
-    """A CPU ONNX Runtime session on ``threads`` threads, every graph optimisation on."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    if not spin:
-        # Idle pool threads otherwise busy-wait after each run, stealing CPU from whatever runs
-        # next (another engine in an interleaved benchmark).
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
 def run_batched(session: Any, images: np.ndarray, batch: int = 32) -> np.ndarray:

@@ -53,14 +53,10 @@ class ExportedClassifier:
 
 
 def _session(path: Path, threads: int) -> Any:
-    import onnxruntime as ort
+    from transferlab.runtime.graph import ort_session  # torch and timm come with it
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return ort_session(path, threads)
     except Exception as e:  # onnxruntime raises its own (Fail, InvalidProtobuf, …) types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TransferlabError(f"{path}: not a loadable ONNX model ({first})") from None

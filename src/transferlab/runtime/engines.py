@@ -85,17 +85,10 @@ class OnnxRuntime(EngineRuntime):
     engine = "onnxruntime"
 
     def __init__(self, backbone: Backbone, onnx_path: Path, threads: int) -> None:
-        import onnxruntime as ort
+        from transferlab.runtime.graph import ort_session
 
         super().__init__(backbone.preprocess.input_size, backbone.num_features)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3  # errors only: keep the CLI quiet
-        self._session = ort.InferenceSession(
-            str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"]
-        )
+        self._session = ort_session(onnx_path, threads)
         self._input = self._session.get_inputs()[0].name
         self.threads = threads
 

@@ -13,6 +13,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -99,3 +100,19 @@ def export_onnx(backbone: Backbone, path: Path) -> float:
             os.unlink(tmp)
         raise
     return time.perf_counter() - start
+
+
+def ort_session(path: Path, threads: int, *, spin: bool = True) -> Any:
+    """A CPU ONNX Runtime session on ``threads`` threads, every graph optimisation on."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    if not spin:
+        # Idle pool threads otherwise busy-wait after each run, stealing CPU from whatever runs
+        # next (another engine in an interleaved benchmark).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
