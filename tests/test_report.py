@@ -3,6 +3,7 @@ gracefully; the CLI commands ``report``/``compare`` and ``evaluate --report``.""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -420,3 +421,37 @@ def test_templates_escape_user_text():
     assert '<td>90.0% <span class="muted">[80.0% – 95.0%]</span></td>' in doc  # ours is markup
     notice = render("unavailable.html", reason="<img src=x onerror=alert(1)>")
     assert "<img" not in notice and "&lt;img" in notice
+
+
+def test_unchanged_figures_are_never_drawn_twice(runs, tmp_path, monkeypatch):
+    """The report's figures are kept in the run's cache by a digest of their inputs: a second
+    report draws none (and reads the same PNGs); a changed input, or a damaged cached PNG, is
+    drawn anew."""
+    from transferlab.evaluation import plots
+    from transferlab.evaluation.report.render import FIGURES
+
+    figures = runs["root"] / "cache" / FIGURES
+    assert len(list(figures.glob("*.png"))) >= 4  # curves, classes, confusion, reliability
+    drawn = []
+    real = plots.figure_bytes
+    monkeypatch.setattr(plots, "figure_bytes", lambda fig, fmt="png": drawn.append(1) or real(fig))
+    before = runs["report"].read_text()
+    again = build_report(runs["lin"], out=tmp_path / "again.html")
+    assert drawn == []
+    pngs = lambda doc: re.findall(r'src="(data:image/png;base64,[^"]+)"', doc)  # noqa: E731
+    assert pngs(again.read_text()) == pngs(before)
+
+    ours = [p for p in figures.glob("*.png") if base64.b64encode(p.read_bytes()).decode() in before]
+    assert len(ours) >= 4
+    ours[0].write_bytes(ours[0].read_bytes()[:100])  # truncated: not trusted
+    build_report(runs["lin"], out=tmp_path / "third.html")
+    assert len(drawn) == 1 and ours[0].read_bytes().endswith(b"IEND\xaeB`\x82")
+
+    history = runs["lin"] / "history.json"
+    rows = json.loads(history.read_text())
+    rows[0]["train_loss"] = float(rows[0].get("train_loss") or 0.0) + 1.0
+    copy = tmp_path / "run"
+    shutil.copytree(runs["lin"], copy)
+    (copy / "history.json").write_text(json.dumps(rows))
+    build_report(copy, out=tmp_path / "fourth.html")
+    assert len(drawn) == 2  # the learning curves only

@@ -8,22 +8,23 @@ registered with pyplot (a report draws a dozen; pyplot would keep them all alive
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from transferlab.errors import TransferlabError
 from transferlab.evaluation.metrics import expected_calibration_error, reliability_curve
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 __all__ = [
-    "InlineFigure",
     "figure_bytes",
     "new_figure",
     "plot_class_counts",
@@ -41,17 +42,27 @@ _NO_METADATA = {"Software": None}
 _TRAIN, _VAL, _AFTER = "#1f77b4", "#ff7f0e", "#2ca02c"
 
 
-class InlineFigure(Figure):
-    """A Figure that a notebook shows inline by itself: with no pyplot, IPython's matplotlib
-    formatter may never be registered, so the figure renders its own PNG."""
+@functools.cache
+def _inline_figure() -> type[Figure]:
+    """The Figure class :func:`new_figure` makes, defined when first needed: importing
+    matplotlib costs ~0.4 s, which a report whose figures are all cached never pays."""
+    from matplotlib.figure import Figure
 
-    def _repr_png_(self) -> bytes:
-        return figure_bytes(self)
+    class InlineFigure(Figure):
+        """A Figure that a notebook shows inline by itself: with no pyplot, IPython's
+        matplotlib formatter may never be registered, so the figure renders its own PNG."""
+
+        def _repr_png_(self) -> bytes:
+            return figure_bytes(self)
+
+    return InlineFigure
 
 
 def new_figure(figsize: tuple[float, float], dpi: int = DPI) -> Figure:
     """A Figure with its own Agg canvas (no pyplot state), shown inline in a notebook."""
-    fig = InlineFigure(figsize=figsize, dpi=dpi)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = _inline_figure()(figsize=figsize, dpi=dpi)
     FigureCanvasAgg(fig)
     return fig
 

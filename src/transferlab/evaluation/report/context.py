@@ -15,10 +15,11 @@ import numpy as np
 from markupsafe import Markup
 
 from transferlab.api import Classifier, load
+from transferlab.cache import default_cache_dir
 from transferlab.data.prepared import PreparedData, Split
 from transferlab.errors import TransferlabError
 from transferlab.evaluation import scoring
-from transferlab.evaluation.report.render import render
+from transferlab.evaluation.report.render import figure_uri, render
 from transferlab.model import softmax
 from transferlab.runs import AUTO_FILE, DATA_FILE, HISTORY_FILE, METRICS_FILE
 from transferlab.storage import read_json
@@ -95,6 +96,13 @@ class RunContext:
     @property
     def metrics(self) -> dict[str, Any]:
         return self._json(METRICS_FILE, {})
+
+    def figure(self, plot: Callable[..., Any], *args: Any, **kwargs: Any) -> str:
+        """``plot(*args, **kwargs)`` as an embedded PNG, kept in the run's cache folder (the
+        one its features went to) so an unchanged figure is never drawn twice."""
+        cache_dir = self.clf.saved.config.get("cache_dir")
+        root = Path(cache_dir) if cache_dir else default_cache_dir()
+        return figure_uri(plot, *args, cache_dir=root, **kwargs)
 
     @property
     def auto(self) -> dict[str, Any]:

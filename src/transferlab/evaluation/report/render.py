@@ -8,8 +8,14 @@ unchanged), so the page references nothing outside itself.
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
+import hashlib
 import io
+import os
+from collections.abc import Callable, Mapping
+from importlib.metadata import version
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jinja2
@@ -18,7 +24,9 @@ from markupsafe import Markup
 from PIL import Image
 
 from transferlab.data.images import open_rgb
+from transferlab.errors import TransferlabError
 from transferlab.evaluation import plots
+from transferlab.storage import atomic_write_bytes
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -27,6 +35,10 @@ THUMB_PX = 96  # dataset samples
 GALLERY_PX = 144  # top losses / suspects: large enough to judge the label by eye
 CAM_PX = 160  # each half of a Grad-CAM pair
 _JPEG_QUALITY = 75
+FIGURES = "figures"  # the report figures' folder in the cache
+# ~30 KB each: the oldest go beyond this many (a few hundred reports' worth, ~60 MB)
+KEEP_FIGURES = 2000
+_PNG_START, _PNG_END = b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"
 
 
 def pct(v: float | None) -> str:
@@ -56,11 +68,76 @@ def data_uri(data: bytes, mime: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
-def figure_uri(fig: Figure) -> str:
-    """A matplotlib figure as an embedded PNG."""
+def figure_uri(
+    plot: Callable[..., Figure], *args: Any, cache_dir: Path | None = None, **kwargs: Any
+) -> str:
+    """``plot(*args, **kwargs)`` (a :mod:`~transferlab.evaluation.plots` function) as an
+    embedded PNG. With ``cache_dir``, the PNG is kept in its ``figures/`` under a digest of the
+    plot's code and inputs: a report whose inputs did not change (a warm re-fit) draws nothing
+    and does not even import matplotlib (~1 s of a 2-core box's time)."""
+    path = None
+    if cache_dir is not None:
+        path = cache_dir / FIGURES / f"{_figure_key(plot, args, kwargs)}.png"
+        with contextlib.suppress(OSError):
+            data = path.read_bytes()
+            if data.startswith(_PNG_START) and data.endswith(_PNG_END):
+                return data_uri(data, "image/png")
+    fig = plot(*args, **kwargs)
     data = plots.figure_bytes(fig, "png")
     fig.clear()  # free the artists now: a report draws many figures
+    if path is not None:
+        _keep_figure(path, data)
     return data_uri(data, "image/png")
+
+
+def _figure_key(plot: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any]) -> str:
+    h = hashlib.sha256(_plots_code_digest().encode())
+    _feed(h, (plot.__module__, plot.__qualname__, args, kwargs))
+    return h.hexdigest()[:40]
+
+
+@functools.cache
+def _plots_code_digest() -> str:
+    """The drawing code's and matplotlib's versions: a changed plot function draws anew."""
+    code = Path(plots.__file__).read_bytes()
+    return hashlib.sha256(code + version("matplotlib").encode()).hexdigest()
+
+
+def _feed(h: Any, value: Any) -> None:
+    """Hash ``value`` by content (arrays by their bytes; floats by their exact repr)."""
+    if isinstance(value, np.ndarray):
+        h.update(f"nd{value.dtype.str}{value.shape}".encode())
+        h.update(np.ascontiguousarray(value).tobytes())
+    elif isinstance(value, Mapping):
+        h.update(b"{")
+        for k in sorted(value, key=str):
+            _feed(h, k)
+            _feed(h, value[k])
+        h.update(b"}")
+    elif isinstance(value, (list, tuple)):
+        h.update(b"[")
+        for v in value:
+            _feed(h, v)
+        h.update(b"]")
+    else:
+        h.update(f"{type(value).__name__}:{value!r}\0".encode())
+
+
+def _keep_figure(path: Path, data: bytes) -> None:
+    """Store a drawn figure (best effort: a read-only cache only costs the redraw), and drop the
+    oldest beyond :data:`KEEP_FIGURES`."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, data)
+        entries = list(os.scandir(path.parent))
+    except (OSError, TransferlabError):
+        return
+    if len(entries) <= KEEP_FIGURES:
+        return
+    entries.sort(key=lambda e: e.stat().st_mtime if e.is_file() else 0.0)
+    for entry in entries[: len(entries) - KEEP_FIGURES * 9 // 10]:
+        with contextlib.suppress(OSError):
+            os.unlink(entry.path)
 
 
 def jpeg_uri(rgb: np.ndarray, quality: int = _JPEG_QUALITY) -> str:

@@ -12,7 +12,7 @@ import numpy as np
 from transferlab.errors import TransferlabError
 from transferlab.evaluation import plots
 from transferlab.evaluation.report.context import RunContext
-from transferlab.evaluation.report.render import THUMB_PX, figure_uri, thumbnail_uri
+from transferlab.evaluation.report.render import THUMB_PX, thumbnail_uri
 from transferlab.system import library_versions
 
 _MAX_THUMB_CLASSES = 40
@@ -43,7 +43,7 @@ def data_section(ctx: RunContext, n_thumbs: int) -> dict[str, Any]:
         ],
         "totals": [sum(counts[sp].values()) for sp in splits],
         "total": sum(sum(v.values()) for v in counts.values()),
-        "counts_png": figure_uri(plots.plot_class_counts(counts)),
+        "counts_png": ctx.figure(plots.plot_class_counts, counts),
         "problems": idx.get("problems", []),
         "skipped": skipped_files("Skipped files", s.get("skipped") or []),
         "n_dups": len(dups),

@@ -65,7 +65,7 @@ def ladder_section(lad: Mapping[str, Any]) -> dict[str, Any]:
     if not rungs:
         raise TransferlabError("the ladder has no rungs")
     return {
-        "png": figure_uri(plots.plot_compare(rungs, title="accuracy per rung (95% CI)")),
+        "png": figure_uri(plots.plot_compare, rungs, title="accuracy per rung (95% CI)"),
         "header": LADDER_HEADER,
         "rows": [_rung_row(r) for r in rungs],
         "paired": _paired_tests(lad),

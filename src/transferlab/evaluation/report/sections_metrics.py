@@ -10,7 +10,7 @@ from transferlab.errors import TransferlabError
 from transferlab.evaluation import analysis, plots
 from transferlab.evaluation.metrics import expected_calibration_error, fit_temperature
 from transferlab.evaluation.report.context import RunContext
-from transferlab.evaluation.report.render import figure_uri, pct
+from transferlab.evaluation.report.render import pct
 
 
 def curves_section(ctx: RunContext) -> dict[str, Any]:
@@ -19,7 +19,7 @@ def curves_section(ctx: RunContext) -> dict[str, Any]:
     if not h:
         return {"png": None, "grid": False}
     return {
-        "png": figure_uri(plots.plot_learning_curves(h)),
+        "png": ctx.figure(plots.plot_learning_curves, h),
         "grid": "epoch" not in h[0] and "l2" in h[0],
     }
 
@@ -78,7 +78,7 @@ def confusion_section(ctx: RunContext) -> dict[str, Any]:
     cm = m["confusion_matrix"]
     return {
         "name": name,
-        "png": figure_uri(plots.plot_confusion(cm, ctx.classes)),
+        "png": ctx.figure(plots.plot_confusion, cm, ctx.classes),
         "pairs": analysis.most_confused(cm, ctx.classes, k=10),
     }
 
@@ -91,7 +91,8 @@ def calibration_section(ctx: RunContext) -> dict[str, Any]:
     t = ctx.clf.saved.temperature
     raw = ctx.probs(name, 1.0)
     if t != 1.0:
-        fig = plots.plot_reliability(
+        png = ctx.figure(
+            plots.plot_reliability,
             raw,
             y,
             calibrated=ctx.probs(name, t),
@@ -99,11 +100,11 @@ def calibration_section(ctx: RunContext) -> dict[str, Any]:
             title=f"reliability on {name}: before / after temperature scaling",
         )
     else:
-        fig = plots.plot_reliability(raw, y, title=f"reliability on {name}")
+        png = ctx.figure(plots.plot_reliability, raw, y, title=f"reliability on {name}")
     data: dict[str, Any] = {
         "name": name,
         "t": t,
-        "png": figure_uri(fig),
+        "png": png,
         "cal": None,
         "would": None,
     }
