@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+import transferlab
 from test_api import photo_dataset
 from test_backbones import make_local_dir
 from transferlab.cli import app
@@ -110,6 +112,17 @@ def test_curve_writes_json_png_html_and_refuses_other_folders(data, tmp_path):
     assert "features-linear" in page and "data:image/png;base64," in page
     with pytest.raises(TransferlabError, match="holds a curve result already"):
         curve(data, out=out, per_class=[2], rungs=["features-linear"], seeds=1, **opts)
+
+    # the same curve as a section of a run's report (the CLI: report RUN --curve OUT)
+    transferlab.fit(data, out=tmp_path / "run", **opts)
+    r = CliRunner().invoke(app, ["report", str(tmp_path / "run"), "--curve", str(out)])
+    assert r.exit_code == 0, r.output
+    doc = (tmp_path / "run" / "report.html").read_text()
+    section = doc.split('<section id="curve">', 1)[1].split("</section>", 1)[0]
+    assert "features-linear" in section and "Power law" in section
+    assert base64.b64encode((out / "curve.png").read_bytes()).decode() in section
+    r = CliRunner().invoke(app, ["report", str(tmp_path / "run"), "--curve", str(data)])
+    assert "no learning curve here" in r.output  # the page is still written, the section says why
     with pytest.raises(TransferlabError, match="unknown rung"):
         curve(data, out=tmp_path / "c2", rungs=["features-linaer"], **opts)
 

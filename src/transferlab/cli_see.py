@@ -108,6 +108,9 @@ def report(
         None, "--out", "-o", help="HTML file to write (default RUN/report.html)."
     ),
     ladder: Path | None = typer.Option(None, help="A ladder.json to add as a comparison."),
+    curve: Path | None = typer.Option(
+        None, help="A folder `transferlab curve` wrote: adds the learning curve."
+    ),
     gradcam: int = typer.Option(4, help="Test images explained with Grad-CAM (0: none)."),
     top_k: int = typer.Option(12, help="Images in the top-loss and suspect galleries."),
     suspects: bool | None = typer.Option(
@@ -122,6 +125,7 @@ def report(
         data=data,
         out=out,
         ladder=ladder,
+        curve=curve,
         gradcam=gradcam,
         top_k=top_k,
         suspects=suspects,

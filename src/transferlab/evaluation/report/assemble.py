@@ -19,6 +19,7 @@ from transferlab.evaluation.report.render import render
 from transferlab.evaluation.report.rungs import best_rung_dir, load_ladder
 from transferlab.evaluation.report.sections_auto import auto_section
 from transferlab.evaluation.report.sections_cams import gradcam_section
+from transferlab.evaluation.report.sections_curve import curve_report_section
 from transferlab.evaluation.report.sections_data import config_section, data_section
 from transferlab.evaluation.report.sections_errors import suspects_section, top_losses_section
 from transferlab.evaluation.report.sections_ladder import ladder_section
@@ -39,6 +40,7 @@ def build_report(
     data: str | os.PathLike[str] | None = None,
     out: str | os.PathLike[str] | None = None,
     ladder: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+    curve: str | os.PathLike[str] | None = None,
     gradcam: int = 4,
     top_k: int = 12,
     thumbnails: int = 6,
@@ -53,7 +55,8 @@ def build_report(
     rung by val accuracy, :func:`best_rung`, is then detailed). ``data`` re-locates the
     dataset when it moved (default: the paths in the run's ``data.json``). ``out`` defaults to
     ``run_dir/report.html``. ``ladder`` (a ``ladder.json`` path/folder or its dict) adds the
-    comparison chart, table and McNemar tests against the best rung. ``gradcam`` / ``top_k`` /
+    comparison chart, table and McNemar tests against the best rung; ``curve`` (a folder that
+    ``transferlab curve`` wrote) the learning curve and its power law. ``gradcam`` / ``top_k`` /
     ``thumbnails`` size the galleries; ``suspects`` lists training images whose label an
     out-of-fold head disputes (default: only for runs with an unchanged pretrained body,
     whose training features are cached; searched on a bounded sample). With
@@ -66,22 +69,19 @@ def build_report(
     time and size.
     """
     t0 = time.perf_counter()
-    run = Path(run_dir)
-    lad = load_ladder(ladder) if ladder is not None else None
-    if lad is None and (run / LADDER_FILE).is_file():
-        lad = load_ladder(run)
-    out_path = Path(out) if out is not None else run / REPORT_FILE
-    if not is_run_dir(run):
-        best = best_rung_dir(lad) if lad is not None else None
-        if best is None:
-            raise TransferlabError(f"{run}: not a transferlab run folder (no {MODEL_FILE})")
-        run = best
-        classifier = None  # the caller's model belongs to the folder it gave, not this rung
+    out_path = Path(out) if out is not None else Path(run_dir) / REPORT_FILE
+    run, lad, classifier = _detailed_run(Path(run_dir), ladder, classifier)
     ctx = RunContext(run, data, classifier, prepared)
     if suspects is None:
         suspects = not ctx.clf.saved.body.get("trained", False)
     sections = _sections(
-        ctx, lad, gradcam=gradcam, top_k=top_k, thumbnails=thumbnails, suspects=suspects
+        ctx,
+        lad,
+        curve,
+        gradcam=gradcam,
+        top_k=top_k,
+        thumbnails=thumbnails,
+        suspects=suspects,
     )
     if write_predictions and _same_data(ctx) and ctx.logits:
         _save_predictions(ctx, sections)
@@ -95,9 +95,28 @@ def build_report(
     return out_path
 
 
+def _detailed_run(
+    run: Path,
+    ladder: str | os.PathLike[str] | Mapping[str, Any] | None,
+    classifier: Classifier | None,
+) -> tuple[Path, dict[str, Any] | None, Classifier | None]:
+    """The run folder the report details (a ladder folder's best rung), its ladder if any,
+    and the caller's model when it belongs to that folder."""
+    lad = load_ladder(ladder) if ladder is not None else None
+    if lad is None and (run / LADDER_FILE).is_file():
+        lad = load_ladder(run)
+    if is_run_dir(run):
+        return run, lad, classifier
+    best = best_rung_dir(lad) if lad is not None else None
+    if best is None:
+        raise TransferlabError(f"{run}: not a transferlab run folder (no {MODEL_FILE})")
+    return best, lad, None  # the caller's model belongs to the folder it gave, not this rung
+
+
 def _sections(
     ctx: RunContext,
     lad: Mapping[str, Any] | None,
+    curve: str | os.PathLike[str] | None,
     *,
     gradcam: int,
     top_k: int,
@@ -108,6 +127,9 @@ def _sections(
     plan: list[tuple[str, str, Callable[[], Mapping[str, Any]]]] = []
     if lad is not None:
         plan.append(("ladder", "Ladder: strategies compared", lambda: ladder_section(lad)))
+    if curve is not None:
+        title = "Learning curve: accuracy against images per class"
+        plan.append(("curve", title, lambda: curve_report_section(curve)))
     if (ctx.run / AUTO_FILE).is_file():
         plan.append(("auto", "Auto: what was tried and why", lambda: auto_section(ctx)))
     plan += [
