@@ -70,6 +70,23 @@ def test_second_scan_reads_no_unchanged_file(files, reads, tmp_path):
     assert index_path(files[0].parents[1], cache).is_file()
 
 
+def test_rows_of_deleted_files_are_dropped_and_others_kept(files, reads, tmp_path):
+    """A file gone from disk loses its row at the next scan; a file that still exists but was
+    not in this scan (another subset of the root) keeps its row."""
+    import sqlite3
+
+    cache = tmp_path / "cache"
+    _scan(files, cache)
+    files[0].unlink()
+    _scan(files[1:3], cache)  # 0 is gone, 3 and 4 exist but are not scanned now
+    db = sqlite3.connect(index_path(files[0].parents[1], cache))
+    stored = {os.fsdecode(r[0]) for r in db.execute("SELECT path FROM files")}
+    db.close()
+    assert stored == {str(p.resolve()) for p in files[1:]}
+    reads.clear()
+    assert _scan(files[1:], cache).unchanged == 4 and reads == []
+
+
 def test_touch_replace_truncate_are_each_rechecked(files, reads, tmp_path):
     cache = tmp_path / "cache"
     before = _scan(files, cache).digests

@@ -85,6 +85,7 @@ def scan_files(
         found = _read_all([(str(paths[i]), max_pixels) for i in todo], workers, on_progress)
         if index is not None:
             index.store(_checked(paths, todo, found, max_pixels))
+            index.forget_missing(paths)
     finally:
         if index is not None:
             index.close()

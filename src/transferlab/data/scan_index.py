@@ -84,6 +84,7 @@ class ScanIndex:
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
         self._conn = conn
         self.path = path
+        self._stored: Iterable[bytes] = ()  # the paths the last lookup found rows for
 
     @classmethod
     def open(
@@ -114,6 +115,7 @@ class ScanIndex:
             _warn_once(self.path, e)
             return [None] * len(paths)
         known = {r[0]: r[1:] for r in rows}
+        self._stored = known.keys()
         out: list[Checked | None] = []
         for p, key in zip(paths, keys, strict=True):
             row = known.get(os.fsencode(os.path.abspath(p))) if key is not None else None
@@ -145,6 +147,22 @@ class ScanIndex:
                 )
         except sqlite3.Error as e:
             _warn_once(self.path, e)
+
+    def forget_missing(self, seen: Iterable[str]) -> int:
+        """Drop the rows (read by the last :meth:`lookup`) of files that are no longer on disk,
+        among those not in ``seen``: a dataset whose files come and go keeps an index of the
+        files it has, not of every file it ever had. Returns how many rows went."""
+        seen_keys = {os.fsencode(os.path.abspath(p)) for p in seen}
+        gone = [(p,) for p in self._stored if p not in seen_keys and not os.path.lexists(p)]
+        if not gone:
+            return 0
+        try:
+            with self._conn:
+                self._conn.executemany("DELETE FROM files WHERE path = ?", gone)
+        except sqlite3.Error as e:
+            _warn_once(self.path, e)
+            return 0
+        return len(gone)
 
     def close(self) -> None:
         self._conn.close()
