@@ -125,3 +125,60 @@ def test_fit_with_two_devices_extracts_on_two_ranks_and_gives_the_same_model(
     assert sum(e["cache_hits"] for e in two.metrics["extraction"]) == 16  # all read back
     assert two.metrics["test"]["accuracy"] == one.metrics["test"]["accuracy"]
     assert two.metrics["val"]["log_loss"] == pytest.approx(one.metrics["val"]["log_loss"], abs=1e-4)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["torchrun", "srun"])
+def test_launched_ranks_leave_the_features_one_process_computes(launcher, tiny_dataset, tmp_path):
+    """Every rank runs ``transferlab extract`` and Lightning joins them: started by torchrun
+    (``--nproc-per-node 2``) or as srun starts them (two processes with SLURM's variables, as
+    docs/cluster.md's job scripts do). The shared cache then answers every image with one
+    process's features."""
+    import os
+    import subprocess
+    import sys
+
+    from test_backbones import make_local_dir
+
+    spec = f"local-dir:{make_local_dir(tmp_path / 'weights' / 'tiny')}"
+    cache = tmp_path / "cache"
+    command = ["-m", "transferlab", "extract", str(tiny_dataset), "--backbone", spec,
+               "--accelerator", "cpu", "--devices", "2", "--engine", "torch", "--workers", "0",
+               "--cache-dir", str(cache)]  # fmt: skip
+    port = str(_free_port())
+    if launcher == "torchrun":
+        run = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port]
+        procs = [subprocess.Popen([sys.executable, *run, *command], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)]  # fmt: skip
+    else:
+        slurm = {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NODEID": "0",
+                 "SLURM_JOB_NAME": "extract", "SLURM_JOB_ID": "4242", "SLURM_NODELIST": "localhost",
+                 "SLURM_JOB_NUM_NODES": "1", "MASTER_PORT": port}  # fmt: skip
+        procs = [
+            subprocess.Popen([sys.executable, *command], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True,
+                             env={**os.environ, **slurm, "SLURM_PROCID": r, "SLURM_LOCALID": r})
+            for r in ("0", "1")
+        ]  # fmt: skip
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    assert "16 images, 16 distinct: 16 computed, 0 cached, 0 failed, on 2 rank(s)" in outputs[0]
+    if launcher == "srun":  # each process is one rank of the job, not a launcher of its own
+        assert "GLOBAL_RANK: 1, MEMBER: 2/2" in outputs[1] and "GLOBAL_RANK: 0" not in outputs[1]
+
+    bb = create_backbone(spec)
+    paths = sorted(str(p) for p in tiny_dataset.rglob("*.jpg"))
+    digests = [file_digest(p) for p in paths]
+    shared = FeatureExtractor(bb, cache=FeatureCache(cache), engine="torch", workers=0)
+    got = shared(paths, digests)
+    assert got.stats["computed"] == 0 and got.stats["cache_hits"] == 16
+    alone = FeatureExtractor(bb, cache=FeatureCache(tmp_path / "alone"), engine="torch", workers=0)
+    np.testing.assert_allclose(got.features, alone(paths, digests).features, atol=1e-5)
