@@ -67,6 +67,19 @@ def make_image(
 TINY_BACKBONE = "mobilenetv2_035"  # random init: no network, ~0.4 M parameters
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _session_cache(tmp_path_factory: pytest.TempPathFactory):
+    """No test reads or writes the user's cache (scan index, figures, backbone cards): one
+    cache for the session, unless a test sets its own."""
+    old = os.environ.get("TRANSFERLAB_CACHE")
+    os.environ["TRANSFERLAB_CACHE"] = str(tmp_path_factory.mktemp("user-cache"))
+    yield
+    if old is None:
+        os.environ.pop("TRANSFERLAB_CACHE", None)
+    else:
+        os.environ["TRANSFERLAB_CACHE"] = old
+
+
 def tiny_fit_options(tmp_path: Path) -> dict[str, Any]:
     """``fit`` options for a fast offline run: a tiny random backbone, eager torch, no workers."""
     return {

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -104,12 +105,12 @@ def test_identity_changes_with_weights_preprocess_and_architecture(tiny_dir, tmp
     assert short.startswith("tiny_mnv2-") and re.fullmatch(r"[\w.-]+", short)  # filename-safe
     pp = base.preprocess
     variants = [
-        dataclasses.replace(base, spec="local-dir:/elsewhere/tiny_mnv2"),
-        dataclasses.replace(base, weights_hash="0" * 64),
-        dataclasses.replace(base, preprocess=dataclasses.replace(pp, mean=(0.485, 0.456, 0.406))),
-        dataclasses.replace(base, preprocess=dataclasses.replace(pp, input_size=(96, 96))),
-        dataclasses.replace(base, preprocess=dataclasses.replace(pp, crop_pct=1.0)),
-        dataclasses.replace(base, preprocess=dataclasses.replace(pp, interpolation="bicubic")),
+        base.replace(spec="local-dir:/elsewhere/tiny_mnv2"),
+        base.replace(weights_hash="0" * 64),
+        base.replace(preprocess=dataclasses.replace(pp, mean=(0.485, 0.456, 0.406))),
+        base.replace(preprocess=dataclasses.replace(pp, input_size=(96, 96))),
+        base.replace(preprocess=dataclasses.replace(pp, crop_pct=1.0)),
+        base.replace(preprocess=dataclasses.replace(pp, interpolation="bicubic")),
     ]
     idents = {v.identity() for v in variants}
     assert ident not in idents and len(idents) == len(variants)
@@ -133,7 +134,7 @@ def test_identity_changes_with_weights_preprocess_and_architecture(tiny_dir, tmp
     with torch.no_grad():
         assert not torch.allclose(mp.model(x), base.model(x))
     # (the folder differs too: compare with the avg-pool network under the same spec)
-    assert dataclasses.replace(base, spec=mp.spec).identity() != mp.identity()
+    assert base.replace(spec=mp.spec).identity() != mp.identity()
     assert create_backbone(str(maxpool)).identity() == mp.identity()  # and it is stable
 
 
@@ -214,7 +215,7 @@ def test_offline_hub_fetch_gives_local_dir_hint(monkeypatch):
     def fail(*args, **kwargs):
         raise LocalEntryNotFoundError("cannot find the requested files in the local cache")
 
-    monkeypatch.setattr(create.timm, "create_model", fail)
+    monkeypatch.setattr(timm, "create_model", fail)
     with pytest.raises(TransferlabError) as err:
         create_backbone("resnet18")
     msg = str(err.value)
@@ -226,7 +227,7 @@ def test_unreachable_hub_fails_fast_without_downloading(monkeypatch):
     _no_cached_weights(monkeypatch)
     monkeypatch.setattr(hub, "can_reach", lambda host, **kw: False)
     monkeypatch.setattr(
-        create.timm, "create_model", lambda *a, **k: pytest.fail("must not try to download")
+        timm, "create_model", lambda *a, **k: pytest.fail("must not try to download")
     )
     with pytest.raises(TransferlabError, match="no network.*local-dir:PATH"):
         create_backbone("mobilenetv2_050.lamb_in1k")
@@ -390,8 +391,10 @@ def test_stage_modules_falls_back_to_children():
     assert [n for n, _ in stage_modules(model)] == ["0", "2"]
 
 
-def test_backbone_dataclass_positional_api():
-    fields = [f.name for f in dataclasses.fields(Backbone)]
+def test_backbone_positional_api():
+    import inspect
+
+    fields = list(inspect.signature(Backbone).parameters)
     assert fields[:6] == [
         "spec",
         "model",
@@ -400,3 +403,99 @@ def test_backbone_dataclass_positional_api():
         "weights_hash",
         "pretrained",
     ]
+
+
+def test_a_second_build_comes_from_the_card_without_the_network(tmp_path):
+    """The first build of a local-dir folder writes its card; the next gives the same identity,
+    preprocessing, recipe and body weights without building the network (until used); a
+    changed weights file or config.json, or a damaged card, is a fresh build."""
+    from safetensors.torch import load_file
+
+    folder = make_local_dir(tmp_path / "tiny")
+    first = create_backbone(str(folder))
+    assert first.built
+    again = create_backbone(str(folder))
+    assert not again.built and again.body_file is not None
+    assert again.identity() == first.identity()
+    assert again.recipe == create.timm_body_recipe(first.spec, first.model)
+    assert again.preprocess == first.preprocess and again.num_features == first.num_features
+    saved = load_file(again.body_file)
+    assert saved.keys() == first.model.state_dict().keys()
+    assert all(torch.equal(saved[k], v) for k, v in first.model.state_dict().items())
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(again.model(x), first.model(x))  # built on first use
+    assert again.built
+
+    cards = tmp_path / "cache" / "backbones"
+    next(cards.glob("*.json")).write_text("{not json")
+    assert create_backbone(str(folder)).built  # damaged: built again (and re-carded)
+    assert not create_backbone(str(folder)).built
+    time.sleep(0.01)
+    (folder / "model.safetensors").touch()
+    assert create_backbone(str(folder)).built  # the weights file changed on disk
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_args": {"drop_rate": 0.1}}))
+    assert create_backbone(str(folder)).built
+
+
+def test_a_warm_features_fit_imports_neither_timm_nor_torchvision(tmp_path):
+    """A features re-fit whose images are all cached (features, scan index, backbone card,
+    report figures and CAMs) never builds the network: timm and torchvision stay unimported,
+    and the run saved is the same model."""
+    import subprocess
+    import sys
+
+    from conftest import TINY_COLOURS, TINY_COUNTS, make_image
+
+    data, seed = tmp_path / "data", 0
+    for split, n in TINY_COUNTS.items():
+        for label, colour in TINY_COLOURS.items():
+            for i in range(n):
+                seed += 1
+                make_image(data / split / label / f"{split}{i}.jpg", (40 + i, 36), color=colour,
+                           seed=seed)  # fmt: skip
+    spec = f"local-dir:{make_local_dir(tmp_path / 'tiny')}"
+    runs = [tmp_path / "cold", tmp_path / "warm"]
+    outs = [
+        subprocess.run(
+            [
+                sys.executable,
+                "-X",
+                "importtime",
+                "-m",
+                "transferlab",
+                "-q",
+                "fit",
+                str(data),
+                "--out",
+                str(run),
+                "--backbone",
+                spec,
+                "--engine",
+                "torch",
+                "--workers",
+                "0",
+                "--cache-dir",
+                str(tmp_path / "cache"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )  # fmt: skip
+        for run in runs
+    ]
+    assert all(o.returncode == 0 for o in outs), [o.stderr[-2000:] for o in outs]
+
+    def imported(stderr: str) -> set[str]:
+        return {line.rsplit("|", 1)[-1].strip() for line in stderr.splitlines()}
+
+    assert {"timm", "torchvision"} <= imported(outs[0].stderr)
+    assert not {"timm", "torchvision"} & imported(outs[1].stderr)
+    for name in ("body.safetensors", "head.safetensors"):
+        assert (runs[0] / name).read_bytes() == (runs[1] / name).read_bytes()
+    report = (runs[1] / "report.html").read_text()
+    assert (
+        '<section id="gradcam">' in report
+        and "unavailable" not in report.split('<section id="gradcam">')[1].split("</section>")[0]
+    )

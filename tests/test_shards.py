@@ -29,9 +29,7 @@ def tiny_backbone():
     torch.manual_seed(0)
     bb = create_backbone(TINY_BACKBONE, pretrained=False)
     # 64 px instead of 224: the same code paths at a twelfth of the compute
-    return dataclasses.replace(
-        bb, preprocess=dataclasses.replace(bb.preprocess, input_size=(64, 64))
-    )
+    return bb.replace(preprocess=dataclasses.replace(bb.preprocess, input_size=(64, 64)))
 
 
 def _images(root, n: int) -> tuple[list[str], list[str]]:

@@ -30,7 +30,7 @@ from transferlab.evaluation.scoring import (
     head_logits,
     prepare_run_data,
 )
-from transferlab.model import softmax
+from transferlab.model import LazyNet, softmax
 from transferlab.predict import ExportedClassifier, is_exported_file
 from transferlab.progress import progress, verbosity, warn
 from transferlab.provenance import (
@@ -109,7 +109,7 @@ def _fit(
     ctx, result, auto = _train(prepared, config, work or Path(os.devnull))
     clf = Classifier(
         SavedModel(
-            net=result.net.eval(),
+            net=result.net if isinstance(result.net, LazyNet) else result.net.eval(),
             classes=prepared.classes,
             preprocess=result.preprocess,
             body=result.body,

@@ -34,28 +34,25 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image, ImageDraw
-from torchvision.transforms import InterpolationMode, v2
 
 from transferlab.config import AUGMENT_PRESETS
 from transferlab.data.images import MAX_PIXELS, open_rgb
 from transferlab.errors import TransferlabError
 from transferlab.preprocess import Preprocess
 
+if TYPE_CHECKING:
+    from torchvision.transforms import InterpolationMode, v2
+
 __all__ = ["PRESETS", "augment_preview", "build_transform", "draft_size", "normalizer"]
 
 PRESETS = AUGMENT_PRESETS
 
-_INTERPOLATION = {
-    "nearest": InterpolationMode.NEAREST,
-    "bilinear": InterpolationMode.BILINEAR,
-    "bicubic": InterpolationMode.BICUBIC,
-    "lanczos": InterpolationMode.LANCZOS,
-    "box": InterpolationMode.BOX,
-    "hamming": InterpolationMode.HAMMING,
-}
+# timm's interpolation names, which are torchvision's InterpolationMode values
+_INTERPOLATION = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 # Keras tutorial parameters (see module docstring for how each maps onto v2).
 _TUTORIAL_ROTATION = 50.0
 _TUTORIAL_SHIFT = 0.2
@@ -74,6 +71,10 @@ def build_transform(
     ``train=False`` always gives the eval transform, whatever the preset. With
     ``normalize=False`` the result is the uint8 tensor just before normalization.
     """
+    # torchvision costs ~1 s to import (torch._dynamo behind it): imported when a transform is
+    # built, so a run whose features are all cached never pays it
+    from torchvision.transforms import v2
+
     if preset not in PRESETS:
         raise TransferlabError(
             f"--augment {preset!r} is unknown; choose one of {', '.join(PRESETS)}"
@@ -108,6 +109,8 @@ def build_transform(
 
 def normalizer(preprocess: Preprocess) -> v2.Compose:
     """uint8 image tensor(s) -> float32 normalized with the preprocessing's mean/std."""
+    from torchvision.transforms import v2
+
     return v2.Compose(
         [
             v2.ToDtype(torch.float32, scale=True),
@@ -123,16 +126,19 @@ def draft_size(preprocess: Preprocess) -> tuple[int, int]:
 
 
 def _interpolation(preprocess: Preprocess) -> InterpolationMode:
-    try:
-        return _INTERPOLATION[preprocess.interpolation]
-    except KeyError:
-        raise TransferlabError(
-            f"interpolation {preprocess.interpolation!r} is unsupported; "
-            f"use one of {sorted(_INTERPOLATION)}"
-        ) from None
+    from torchvision.transforms import InterpolationMode
+
+    if preprocess.interpolation in _INTERPOLATION:
+        return InterpolationMode(preprocess.interpolation)
+    raise TransferlabError(
+        f"interpolation {preprocess.interpolation!r} is unsupported; "
+        f"use one of {sorted(_INTERPOLATION)}"
+    )
 
 
 def _eval_geometry(preprocess: Preprocess, interp: InterpolationMode) -> list[Callable]:
+    from torchvision.transforms import v2
+
     rh, rw = preprocess.resize_size
     if preprocess.crop_mode == "squash":
         resize = v2.Resize([rh, rw], interpolation=interp, antialias=True)
@@ -147,6 +153,8 @@ def _eval_geometry(preprocess: Preprocess, interp: InterpolationMode) -> list[Ca
 
 
 def _tutorial_affine(preprocess: Preprocess) -> list[Callable]:
+    from torchvision.transforms import InterpolationMode, v2
+
     h, w = preprocess.input_size
     pad_h, pad_w = h, w
     # RandomAffine's translate is a fraction of the (padded) image: scale it back to the image.

@@ -67,7 +67,8 @@ def extract(
     paths = [p for s in splits for p in s.paths]
     digests = [d for s in splits for d in s.digests]
     seed_everything(cfg.seed)  # a --no-pretrained backbone is the same one in every run and rank
-    extractor = feature_extractor(create_backbone(cfg.backbone, pretrained=cfg.pretrained), cfg)
+    backbone = create_backbone(cfg.backbone, pretrained=cfg.pretrained, cache_dir=cfg.cache_dir)
+    extractor = feature_extractor(backbone, cfg)
     report = extract_sharded(
         extractor, paths, digests, cfg, num_nodes=num_nodes, part=(index, count)
     )

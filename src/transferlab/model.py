@@ -3,8 +3,9 @@ from the JSON recipe stored with it (the run folder that holds them is :mod:`tra
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -65,3 +66,33 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     p = np.exp(z)
     return p / p.sum(axis=1, keepdims=True)
+
+
+class LazyNet:
+    """A ClassifierNet whose body is built on first use: a features run on a carded backbone
+    (:mod:`transferlab.backbones.card`) has its head and the body's weights as a file, and
+    needs the body itself only if something runs it (Grad-CAM, an image not in the cache).
+
+    ``body_file`` holds the body's state_dict as a run's ``body.safetensors`` would; saving
+    copies it. :meth:`eval` (like ``nn.Module.eval``, which returns the module) gives the built
+    network, so ``result.net.eval()`` works on either kind.
+    """
+
+    def __init__(self, body: Callable[[], nn.Module], head: nn.Module, body_file: Path) -> None:
+        self._make_body = body
+        self.head = head
+        self.body_file = body_file
+        self._net: ClassifierNet | None = None
+
+    @property
+    def built(self) -> bool:
+        return self._net is not None
+
+    @property
+    def body(self) -> nn.Module:
+        return self.eval().body
+
+    def eval(self) -> ClassifierNet:
+        if self._net is None:
+            self._net = ClassifierNet(self._make_body(), self.head).eval()
+        return self._net

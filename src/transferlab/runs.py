@@ -21,7 +21,6 @@ import os
 import shlex
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +30,12 @@ from transferlab.config import FitConfig
 from transferlab.engine import BEST_CKPT, CHECKPOINT_DIR, HISTORY_CSV, LAST_CKPT
 from transferlab.errors import TransferlabError
 from transferlab.heads import build_head
-from transferlab.model import ClassifierNet, build_body
+from transferlab.model import ClassifierNet, LazyNet, build_body
 from transferlab.preprocess import Preprocess
 from transferlab.provenance import seal_run, unseal_run
 from transferlab.run_schema import check_head_shapes, validate_model_meta
 from transferlab.storage import (
+    atomic_copy,
     atomic_write_text,
     load_tensors,
     read_json,
@@ -189,19 +189,43 @@ def read_run_json(run: str | os.PathLike, name: str, default: Any = None) -> Any
     return read_json(Path(run) / name, default)
 
 
-@dataclass
 class SavedModel:
-    """Everything ``model.json`` records, plus the rebuilt network."""
+    """Everything ``model.json`` records, plus the network: a
+    :class:`~transferlab.model.LazyNet` is built on first use of :attr:`net` (:attr:`head_net`
+    and :meth:`save` do without it)."""
 
-    net: ClassifierNet
-    classes: list[str]
-    preprocess: Preprocess
-    body: dict[str, Any]  # spec, weights_hash, recipe, trained (bool)
-    head: dict[str, Any]  # head spec (see heads.build_head)
-    strategy: str
-    config: dict[str, Any] = field(default_factory=dict)
-    temperature: float = 1.0
-    versions: dict[str, str] = field(default_factory=library_versions)
+    def __init__(
+        self,
+        net: ClassifierNet | LazyNet,
+        classes: list[str],
+        preprocess: Preprocess,
+        body: dict[str, Any],  # spec, weights_hash, recipe, trained (bool)
+        head: dict[str, Any],  # head spec (see heads.build_head)
+        strategy: str,
+        config: dict[str, Any] | None = None,
+        temperature: float = 1.0,
+        versions: dict[str, str] | None = None,
+    ) -> None:
+        self._net = net
+        self.classes = classes
+        self.preprocess = preprocess
+        self.body = body
+        self.head = head
+        self.strategy = strategy
+        self.config = config if config is not None else {}
+        self.temperature = temperature
+        self.versions = versions if versions is not None else library_versions()
+
+    @property
+    def net(self) -> ClassifierNet:
+        if isinstance(self._net, LazyNet):
+            self._net = self._net.eval()
+        return self._net
+
+    @property
+    def head_net(self) -> nn.Module:
+        """The head alone (a lazy network's body is not built for it)."""
+        return self._net.head
 
     def save(self, out: str | os.PathLike, *, seal: bool = True) -> Path:
         """Write model.json and the weights; ``seal``: then record every run file's digest
@@ -209,8 +233,11 @@ class SavedModel:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         unseal_run(out)  # a save that stops midway must not leave a seal over mixed files
-        save_tensors(self.net.body.state_dict(), out / BODY_FILE)
-        save_tensors(self.net.head.state_dict(), out / HEAD_FILE)
+        if isinstance(self._net, LazyNet):  # the body's weights are a file already
+            atomic_copy(self._net.body_file, out / BODY_FILE)
+        else:
+            save_tensors(self._net.body.state_dict(), out / BODY_FILE)
+        save_tensors(self._net.head.state_dict(), out / HEAD_FILE)
         meta = {
             "format_version": FORMAT_VERSION,
             "classes": self.classes,

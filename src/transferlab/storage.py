@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+
+def atomic_copy(source: Path, path: Path) -> None:
+    """Copy a file via a temporary file and a rename (failures as in atomic_write_bytes)."""
+    tmp = _tmp_sibling(path)
+    with _write_guard(path, tmp):
+        shutil.copyfile(source, tmp)
+        with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
 

@@ -4,16 +4,16 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import os
 import re
 from pathlib import Path
 from typing import Any
 
-import timm
 from torch import nn
 
-from transferlab.backbones import hub, search
+from transferlab.backbones import card, hub, search
 from transferlab.backbones.identity import (
     Backbone,
     file_sha256,
@@ -50,10 +50,14 @@ _WEIGHT_EXTS = (".safetensors", ".pth", ".pth.tar", ".bin")
 _SOURCE_PREFIX = re.compile(r"[A-Za-z][A-Za-z0-9+.\-_]+:")  # 2+ chars: "C:" is a drive
 
 
-def create_backbone(spec: str, *, pretrained: bool = True) -> Backbone:
+def create_backbone(
+    spec: str, *, pretrained: bool = True, cache_dir: str | os.PathLike[str] | None = None
+) -> Backbone:
     """Build a timm feature extractor from a registry name, hf-hub:/local-dir: spec or folder.
 
-    Raises TransferlabError for anything the user can fix (unknown name, bad folder, no weights).
+    A pretrained local-dir folder built before comes from its card in ``cache_dir`` (default:
+    the user cache; :mod:`~.card`), its network built only when first used. Raises
+    TransferlabError for anything the user can fix (unknown name, bad folder, no weights).
     """
     spec = spec.strip()
     if not spec:
@@ -62,7 +66,7 @@ def create_backbone(spec: str, *, pretrained: bool = True) -> Backbone:
         spec = HUB_PREFIX + spec[len("hf_hub:") :]
     local_dir = search.find_local(spec) or _local_dir_of(spec)
     if local_dir is not None:
-        return _create_local(local_dir, pretrained=pretrained)
+        return _local_with_card(local_dir.resolve(), pretrained, cache_dir)
     if spec.lower().startswith(HUB_PREFIX):
         return _create_hub(spec, pretrained=pretrained)
     return _create_registry(spec, pretrained=pretrained)
@@ -98,6 +102,8 @@ def _local_dir_of(spec: str) -> Path | None:
                 f"e.g. local-dir:{EXAMPLE_LOCAL_DIR}"
             )
         return Path(raw).expanduser()
+    import timm
+
     if timm.is_model(timm.models.split_model_name_tag(spec)[0]):
         return None  # a registry name wins over a same-named folder in the cwd
     path = Path(spec).expanduser()
@@ -119,7 +125,31 @@ def _local_dir_of(spec: str) -> Path | None:
 # the three sources
 
 
+def _local_with_card(
+    folder: Path, pretrained: bool, cache_dir: str | os.PathLike[str] | None
+) -> Backbone:
+    """A local-dir backbone from its card when there is one (unbuilt), else built and carded."""
+    weights_file = local_weights_file(folder) if pretrained and folder.is_dir() else None
+    key = card.card_key(folder, weights_file) if weights_file is not None else None
+    found = card.read_card(key, cache_dir) if key is not None else None
+    if found is not None:
+        return card.card_backbone(found, functools.partial(_build_local, folder))
+    backbone = _create_local(folder, pretrained=pretrained)
+    if key is not None:
+        recipe = timm_body_recipe(backbone.spec, backbone.model)
+        card.write_card(key, backbone, recipe, cache_dir)
+    return backbone
+
+
+def _build_local(folder: Path) -> nn.Module:
+    """The network of a carded local-dir backbone (module-level: a Backbone is pickled to
+    ranks and workers with this as its builder)."""
+    return _create_local(folder, pretrained=True).model
+
+
 def _create_local(folder: Path, *, pretrained: bool) -> Backbone:
+    import timm
+
     folder = folder.resolve()
     config_path = folder / "config.json"
     architecture = _check_local_folder(folder, config_path)
@@ -187,6 +217,8 @@ def _create_hub(spec: str, *, pretrained: bool) -> Backbone:
 
 
 def _create_registry(spec: str, *, pretrained: bool) -> Backbone:
+    import timm
+
     arch, tag = timm.models.split_model_name_tag(spec)
     try:
         _check_architecture(arch, origin="--backbone")
@@ -233,6 +265,8 @@ def _hub_weights_hash(cfg: dict[str, Any]) -> str | None:
 
 def _timm_create(spec: str, *, pretrained: bool) -> nn.Module:
     """timm.create_model, turning download failures into the one actionable message."""
+    import timm
+
     try:
         return timm.create_model(spec, pretrained=pretrained, num_classes=0)
     except TransferlabError:
@@ -263,6 +297,8 @@ def _offline_message(spec: str, exc: BaseException | None = None) -> str:
 
 
 def _finish(spec: str, model: nn.Module, pretrained: bool, weights_hash: str) -> Backbone:
+    import timm
+
     # Eval mode matters beyond dropout: the shared weights carry folded BN constants that only
     # reproduce the pretrained function with running statistics (see shared/weights/MANIFEST.md).
     model.eval()
@@ -281,6 +317,8 @@ def _finish(spec: str, model: nn.Module, pretrained: bool, weights_hash: str) ->
 
 
 def _check_architecture(arch: str, *, origin: str) -> None:
+    import timm
+
     if arch and timm.is_model(arch):
         return
     close = difflib.get_close_matches(arch.lower(), timm.list_models(), n=3, cutoff=0.6)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -18,16 +19,73 @@ from transferlab.storage import state_digest
 __all__ = ["Backbone", "file_sha256", "loaded_weights_hash", "random_init_hash"]
 
 
-@dataclass
 class Backbone:
-    """A feature extractor (``num_classes=0``, eval mode) and what its features depend on."""
+    """A feature extractor (``num_classes=0``, eval mode) and what its features depend on.
 
-    spec: str
-    model: nn.Module
-    preprocess: Preprocess
-    num_features: int
-    weights_hash: str
-    pretrained: bool
+    ``model`` may be given as ``build`` instead, a picklable zero-argument callable run on first
+    use of :attr:`model`: a backbone described by its card (:mod:`~.card`) computes its
+    identity, recipe and cached features without importing timm or building the network, which
+    a run whose features are all cached never needs. ``arch`` is the card's (computed from the
+    model when not given), ``recipe`` too (None: not known yet); ``body_file`` holds the model's
+    weights as a run's ``body.safetensors`` would (a run copies it rather than building the
+    model to save).
+    """
+
+    def __init__(
+        self,
+        spec: str,
+        model: nn.Module | None,
+        preprocess: Preprocess,
+        num_features: int,
+        weights_hash: str,
+        pretrained: bool,
+        *,
+        build: Callable[[], nn.Module] | None = None,
+        arch: str | None = None,
+        recipe: dict[str, Any] | None = None,
+        body_file: Path | None = None,
+    ) -> None:
+        if model is None and build is None:
+            raise ValueError("a Backbone needs its model or a way to build it")
+        self.spec = spec
+        self._model = model
+        self._build = build
+        self.preprocess = preprocess
+        self.num_features = num_features
+        self.weights_hash = weights_hash
+        self.pretrained = pretrained
+        self._arch = arch
+        self.recipe = recipe  # how to rebuild the body (model.json's body.recipe), if known
+        self.body_file = body_file
+
+    @property
+    def model(self) -> nn.Module:
+        if self._model is None:
+            assert self._build is not None
+            self._model = self._build().eval()
+        return self._model
+
+    @property
+    def built(self) -> bool:
+        """Whether the network exists yet (a card's backbone builds it on first use)."""
+        return self._model is not None
+
+    @property
+    def arch(self) -> str:
+        """Digest of the module tree's repr: the architecture the weights are loaded into."""
+        if self._arch is None:
+            self._arch = hashlib.sha256(repr(self.model).encode()).hexdigest()[:12]
+        return self._arch
+
+    def replace(self, **changes: Any) -> Backbone:
+        """A copy with some fields changed (``preprocess=`` ...), like dataclasses.replace."""
+        fields = {
+            "spec": self.spec, "model": self._model, "preprocess": self.preprocess,
+            "num_features": self.num_features, "weights_hash": self.weights_hash,
+            "pretrained": self.pretrained, "build": self._build, "arch": self._arch,
+            "recipe": self.recipe, "body_file": self.body_file,
+        }  # fmt: skip
+        return Backbone(**{**fields, **changes})
 
     def identity(self) -> str:
         """``spec|weights_hash|preprocess key|arch-…|decode-N``: what the features depend on.
@@ -39,10 +97,9 @@ class Backbone:
         change the network (e.g. ``global_pool: max``) with the same weights file must miss.
         ``decode`` is :data:`~transferlab.data.images.DECODE_VERSION`.
         """
-        arch = hashlib.sha256(repr(self.model).encode()).hexdigest()[:12]
         return (
             f"{self.spec}|{self.weights_hash}|{self.preprocess.key()}"
-            f"|arch-{arch}|decode-{DECODE_VERSION}"
+            f"|arch-{self.arch}|decode-{DECODE_VERSION}"
         )
 
     def identity_hash(self) -> str:

@@ -9,7 +9,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 
 from transferlab.backbones import hub, search
@@ -77,6 +76,8 @@ def _local_infos(weights_dirs: Sequence[Path], pattern: str | None) -> list[Back
 
 
 def _timm_infos(pattern: str | None) -> list[BackboneInfo]:
+    import timm
+
     infos: list[BackboneInfo] = []
     for name in timm.list_models(pattern or "*", pretrained=True):
         try:
@@ -127,6 +128,8 @@ def with_params(infos: Sequence[BackboneInfo]) -> list[BackboneInfo]:
 
 
 def _count_params(name: str) -> int:
+    import timm
+
     folder = Path(name[len(LOCAL_PREFIX) :]) if name.startswith(LOCAL_PREFIX) else None
     folder = folder or search.find_local(name)
     kwargs: dict[str, Any] = {}

@@ -189,7 +189,7 @@ def classifier_split(
 
 def head_logits(classifier: Classifier, features: np.ndarray) -> np.ndarray:
     """The head's raw logits (no temperature) for bottleneck features ``(n, d)``."""
-    head = classifier.saved.net.head.eval()
+    head = classifier.saved.head_net.eval()  # the body is not needed (nor built)
     with torch.inference_mode():
         x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
         return head(x).double().numpy()

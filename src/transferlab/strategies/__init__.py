@@ -114,7 +114,9 @@ def strategy_context(prepared: PreparedData, config: FitConfig, out: Path) -> St
     )
     if STRATEGIES[config.strategy].needs_backbone:
         t0 = time.perf_counter()
-        ctx.backbone = create_backbone(config.backbone, pretrained=config.pretrained)
+        ctx.backbone = create_backbone(
+            config.backbone, pretrained=config.pretrained, cache_dir=config.cache_dir
+        )
         ctx.timings["backbone_s"] = time.perf_counter() - t0
         ctx.extractor = feature_extractor(ctx.backbone, config)
         if wants_ranks(config):

@@ -21,7 +21,7 @@ from transferlab.data.prepared import Split
 from transferlab.engine import Stage, train
 from transferlab.errors import TransferlabError
 from transferlab.extract import FeatureExtractor
-from transferlab.model import ClassifierNet
+from transferlab.model import ClassifierNet, LazyNet
 from transferlab.preprocess import Preprocess
 from transferlab.storage import state_digest
 
@@ -69,7 +69,7 @@ class StrategyContext:
 
 @dataclass
 class StrategyResult:
-    net: ClassifierNet
+    net: ClassifierNet | LazyNet  # lazy: a features run whose body was never needed
     preprocess: Preprocess
     body: dict[str, Any]  # spec, weights_hash, recipe, trained
     head: dict[str, Any]  # head spec for heads.build_head
@@ -100,7 +100,7 @@ def body_record(backbone: Backbone, *, frozen: bool) -> dict[str, Any]:
     its weights hash (a trained body gets the digest of its new weights after training)."""
     body: dict[str, Any] = {
         "spec": backbone.spec,
-        "recipe": timm_body_recipe(backbone.spec, backbone.model),
+        "recipe": backbone.recipe or timm_body_recipe(backbone.spec, backbone.model),
     }
     if frozen:
         body.update(weights_hash=backbone.weights_hash, trained=False)

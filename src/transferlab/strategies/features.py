@@ -14,7 +14,7 @@ import numpy as np
 from transferlab.data.prepared import Split
 from transferlab.errors import TransferlabError
 from transferlab.heads import FittedHead, fit_head
-from transferlab.model import ClassifierNet, softmax
+from transferlab.model import ClassifierNet, LazyNet, softmax
 from transferlab.progress import progress
 from transferlab.strategies.base import StrategyContext, StrategyResult, body_record
 
@@ -65,7 +65,11 @@ def fit_head_on_features(ctx: StrategyContext) -> tuple[FittedHead, dict[str, np
 def run(ctx: StrategyContext) -> StrategyResult:
     backbone, _ = ctx.pretrained()
     fitted, probs = fit_head_on_features(ctx)
-    net = ClassifierNet(backbone.model, fitted.module).eval()
+    net: ClassifierNet | LazyNet
+    if backbone.built or backbone.body_file is None:
+        net = ClassifierNet(backbone.model, fitted.module).eval()
+    else:  # every feature came from the cache: the body is built only if something runs it
+        net = LazyNet(lambda: backbone.model, fitted.module, backbone.body_file)
     return StrategyResult(
         net=net,
         preprocess=backbone.preprocess,

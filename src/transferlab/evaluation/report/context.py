@@ -19,7 +19,7 @@ from transferlab.cache import default_cache_dir
 from transferlab.data.prepared import PreparedData, Split
 from transferlab.errors import TransferlabError
 from transferlab.evaluation import scoring
-from transferlab.evaluation.report.render import figure_uri, render
+from transferlab.evaluation.report.render import cached_result, figure_uri, render
 from transferlab.model import softmax
 from transferlab.runs import AUTO_FILE, DATA_FILE, HISTORY_FILE, METRICS_FILE
 from transferlab.storage import read_json
@@ -97,12 +97,20 @@ class RunContext:
     def metrics(self) -> dict[str, Any]:
         return self._json(METRICS_FILE, {})
 
-    def figure(self, plot: Callable[..., Any], *args: Any, **kwargs: Any) -> str:
-        """``plot(*args, **kwargs)`` as an embedded PNG, kept in the run's cache folder (the
-        one its features went to) so an unchanged figure is never drawn twice."""
+    @property
+    def cache_dir(self) -> Path:
+        """The run's cache folder (the one its features went to)."""
         cache_dir = self.clf.saved.config.get("cache_dir")
-        root = Path(cache_dir) if cache_dir else default_cache_dir()
-        return figure_uri(plot, *args, cache_dir=root, **kwargs)
+        return Path(cache_dir) if cache_dir else default_cache_dir()
+
+    def figure(self, plot: Callable[..., Any], *args: Any, **kwargs: Any) -> str:
+        """``plot(*args, **kwargs)`` as an embedded PNG, kept in the run's cache folder so an
+        unchanged figure is never drawn twice."""
+        return figure_uri(plot, *args, cache_dir=self.cache_dir, **kwargs)
+
+    def cached(self, parts: Any, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """``compute()``, kept in the run's cache folder by a digest of ``parts``."""
+        return cached_result(self.cache_dir, parts, compute)
 
     @property
     def auto(self) -> dict[str, Any]:

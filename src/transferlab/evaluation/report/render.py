@@ -12,6 +12,7 @@ import contextlib
 import functools
 import hashlib
 import io
+import json
 import os
 from collections.abc import Callable, Mapping
 from importlib.metadata import version
@@ -90,6 +91,34 @@ def figure_uri(
     return data_uri(data, "image/png")
 
 
+def cached_result(
+    cache_dir: Path | None, parts: Any, compute: Callable[[], dict[str, Any]]
+) -> dict[str, Any]:
+    """``compute()`` (a JSON-able dict: embedded pictures and their captions), kept like the
+    figures under a digest of ``parts`` (everything the result depends on, its code included)."""
+    path = None
+    if cache_dir is not None:
+        h = hashlib.sha256()
+        _feed(h, parts)
+        path = cache_dir / FIGURES / f"{h.hexdigest()[:40]}.json"
+        with contextlib.suppress(OSError, ValueError):
+            got = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(got, dict):
+                return got
+    result = compute()
+    if path is not None:
+        _keep_figure(path, json.dumps(result).encode("utf-8"))
+    return result
+
+
+def code_digest(*files: str | os.PathLike[str]) -> str:
+    """A digest of source files: part of a cached result's key, so changed code recomputes."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(Path(f).read_bytes())
+    return h.hexdigest()
+
+
 def _figure_key(plot: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any]) -> str:
     h = hashlib.sha256(_plots_code_digest().encode())
     _feed(h, (plot.__module__, plot.__qualname__, args, kwargs))
@@ -99,8 +128,7 @@ def _figure_key(plot: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any]
 @functools.cache
 def _plots_code_digest() -> str:
     """The drawing code's and matplotlib's versions: a changed plot function draws anew."""
-    code = Path(plots.__file__).read_bytes()
-    return hashlib.sha256(code + version("matplotlib").encode()).hexdigest()
+    return code_digest(plots.__file__) + version("matplotlib")
 
 
 def _feed(h: Any, value: Any) -> None:

@@ -10,13 +10,15 @@ from typing import Any
 from markupsafe import Markup
 
 from transferlab.errors import TransferlabError
-from transferlab.selection.curve_output import CURVE_FILE, CURVE_PNG, curve_section
 from transferlab.storage import read_json
 
 
 def curve_report_section(curve: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``curve.html`` section from a ``curve`` output folder (or its ``curve.json``): the
     same fragment as the folder's own ``curve.html``, with its ``curve.png``."""
+    # matplotlib and scipy come with it: imported only for a report that shows a curve
+    from transferlab.selection.curve_output import CURVE_FILE, CURVE_PNG, curve_section
+
     path = Path(curve)
     path = path / CURVE_FILE if path.is_dir() else path
     report = read_json(path)

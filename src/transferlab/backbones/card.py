@@ -1,0 +1,115 @@
+"""A built backbone's card: what its features depend on, remembered per weights folder.
+
+Building a backbone means importing timm (with torchvision and torch._dynamo behind it, ~1.5 s on
+a 2-core box) and constructing the network, yet a run whose features are all cached uses neither:
+it needs the backbone's identity (the cache namespace), preprocessing, feature width and recipe,
+and for the run folder the body's weights. The first build of a ``local-dir:`` folder writes them
+to ``<cache>/backbones/<key>.json`` and ``<key>.safetensors``; later runs get a
+:class:`~.identity.Backbone` from the card that builds its network only when something needs it
+(an image not in the cache, fine-tuning, Grad-CAM).
+
+The key covers everything the card's content comes from: the resolved folder, config.json's
+bytes, the weights file's identity on disk (path, size, mtime_ns, inode) and the versions of
+timm, torch and transferlab. Any change is a miss and a fresh build; a damaged card is a miss
+too. Only pretrained ``local-dir:`` folders have cards (a registry name or hub repo resolves its
+files through timm; random weights exist only once built).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from transferlab.backbones.identity import Backbone
+from transferlab.cache import default_cache_dir
+from transferlab.errors import TransferlabError
+from transferlab.preprocess import Preprocess
+from transferlab.storage import atomic_write_text, save_tensors
+
+__all__ = ["CARDS", "card_key", "read_card", "write_card"]
+
+CARDS = "backbones"  # the cards' folder in the cache
+_FORMAT = 1
+
+
+def card_key(folder: Path, weights_file: Path) -> str | None:
+    """The card key of a local-dir folder and the weights file timm loads; None if either
+    cannot be read."""
+    import transferlab
+
+    try:
+        config = (folder / "config.json").read_bytes()
+        st = weights_file.stat()
+    except OSError:
+        return None
+    h = hashlib.sha256(config)
+    parts = (
+        _FORMAT, str(folder), str(weights_file), st.st_size, st.st_mtime_ns, st.st_ino,
+        version("timm"), version("torch"), transferlab.__version__,
+    )  # fmt: skip
+    h.update(repr(parts).encode())
+    return h.hexdigest()[:32]
+
+
+def _paths(key: str, cache_dir: str | os.PathLike[str] | None) -> tuple[Path, Path]:
+    base = (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) / CARDS
+    return base / f"{key}.json", base / f"{key}.safetensors"
+
+
+def read_card(key: str, cache_dir: str | os.PathLike[str] | None) -> dict[str, Any] | None:
+    """The card stored under ``key`` with its body file's path, or None (absent, damaged)."""
+    meta, body = _paths(key, cache_dir)
+    try:
+        card = json.loads(meta.read_text(encoding="utf-8"))
+        size = body.stat().st_size
+    except (OSError, ValueError):
+        return None
+    if not isinstance(card, dict) or card.get("body_bytes") != size:
+        return None
+    return {**card, "body_file": body}
+
+
+def write_card(
+    key: str,
+    backbone: Backbone,
+    recipe: dict[str, Any],
+    cache_dir: str | os.PathLike[str] | None,
+) -> None:
+    """Remember a freshly built ``backbone`` (and the ``recipe`` that rebuilds it) under
+    ``key`` (best effort: a cache that cannot be written only means the next run builds the
+    network again)."""
+    meta, body = _paths(key, cache_dir)
+    with contextlib.suppress(OSError, TransferlabError):
+        body.parent.mkdir(parents=True, exist_ok=True)
+        save_tensors(backbone.model.state_dict(), body)
+        card = {
+            "spec": backbone.spec,
+            "preprocess": backbone.preprocess.to_dict(),
+            "num_features": backbone.num_features,
+            "weights_hash": backbone.weights_hash,
+            "arch": backbone.arch,
+            "recipe": recipe,
+            "body_bytes": body.stat().st_size,
+        }
+        atomic_write_text(meta, json.dumps(card, indent=2))
+
+
+def card_backbone(card: dict[str, Any], build: Any) -> Backbone:
+    """The Backbone a card describes, its network built by ``build`` on first use."""
+    return Backbone(
+        spec=card["spec"],
+        model=None,
+        preprocess=Preprocess.from_dict(card["preprocess"]),
+        num_features=int(card["num_features"]),
+        weights_hash=str(card["weights_hash"]),
+        pretrained=True,
+        build=build,
+        arch=str(card["arch"]),
+        recipe=dict(card["recipe"]),
+        body_file=card["body_file"],
+    )
