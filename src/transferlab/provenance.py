@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from transferlab.data.discover import path_under
 from transferlab.data.images import file_digest
 from transferlab.errors import TransferlabError
 from transferlab.storage import read_json, write_json
@@ -74,6 +75,9 @@ def input_manifest(prepared: Any) -> dict[str, Any]:
 
 
 def _relative(path: str, base: str) -> str:
+    under = path_under(path, base)
+    if under is not None:
+        return under
     try:
         return Path(os.path.relpath(path, base)).as_posix()
     except ValueError:  # another drive (Windows)

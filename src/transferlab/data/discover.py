@@ -342,12 +342,21 @@ def _absolute(stored: str, base: str) -> str:
     return stored if os.path.isabs(stored) else os.path.join(base, *stored.split("/"))
 
 
-def _relative(path: str, base: str) -> str:
-    """``path`` relative to ``base`` with "/" separators, or unchanged when outside ``base``."""
-    # The common case by string (os.path.relpath stats the cwd per call: ~2 s at 20k files).
+def path_under(path: str, base: str) -> str | None:
+    """``path`` relative to ``base`` with "/" separators when it is a normalised absolute path
+    inside ``base``, by string alone (os.path.relpath stats the cwd per call: ~0.5 s at 20k
+    files); None otherwise."""
     prefix = base.rstrip(os.sep) + os.sep
     if path.startswith(prefix) and os.path.isabs(path) and os.path.normpath(path) == path:
         return path[len(prefix) :].replace(os.sep, "/")
+    return None
+
+
+def _relative(path: str, base: str) -> str:
+    """``path`` relative to ``base`` with "/" separators, or unchanged when outside ``base``."""
+    under = path_under(path, base)
+    if under is not None:
+        return under
     try:
         rel = os.path.relpath(path, base)
     except ValueError:  # another drive on Windows
