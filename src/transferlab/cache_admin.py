@@ -48,7 +48,7 @@ def _entries(root: Path) -> list[tuple[list[Path], int, float]]:
     """(paths, size, last use) of every cache file, a pack and its index as one; last use =
     max(atime, mtime)."""
     out = []
-    for sub in ("features", "exports", "figures"):
+    for sub in ("features", "exports", "figures", "backbones"):
         for dirpath, _, names in os.walk(root / sub):
             for name in names:
                 p = Path(dirpath) / name
