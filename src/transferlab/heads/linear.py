@@ -184,7 +184,7 @@ def _lbfgs(
     max_iter: int,
     tol: float,
 ) -> int:
-    opt = torch.optim.LBFGS(
+    opt = _PlainLBFGS(
         [w, b],
         lr=1.0,
         max_iter=max_iter,
@@ -203,6 +203,20 @@ def _lbfgs(
 
     opt.step(closure)
     return int(opt.state[w].get("n_iter", 0))
+
+
+def _plain(method: Any) -> Any:
+    # torch wraps these in torch._disable_dynamo, whose first call imports torch._dynamo: 1 s of
+    # a 2-core box, four times a warm re-fit's whole head fit. The wrapper only keeps
+    # torch.compile from tracing into them, and a head fit is never compiled.
+    return getattr(method, "__wrapped__", method)
+
+
+class _PlainLBFGS(torch.optim.LBFGS):
+    """torch's L-BFGS without the torch._dynamo import its first use costs (see _plain)."""
+
+    add_param_group = _plain(torch.optim.Optimizer.add_param_group)
+    zero_grad = _plain(torch.optim.Optimizer.zero_grad)
 
 
 def _select_l2(history: list[dict]) -> int:
