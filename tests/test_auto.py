@@ -22,6 +22,9 @@ def test_auto_within_a_small_budget_keeps_the_features_head(tiny_dataset, tmp_pa
     assert record["chosen"]["strategy"] == "features" == clf.saved.strategy
     tried = {r["strategy"]: r for r in record["tried"]}
     assert "s left" in tried["finetune"]["skipped"]
+    # one backbone and no fine-tuning: one model, nothing to ensemble
+    assert record["ensemble"] == {"tried": False, "kept": False, "backbone": "mobilenetv2_035",
+                                  "skipped": "one model only: nothing to ensemble"}  # fmt: skip
     assert [c["backbone"] for c in record["ranking"]["candidates"]] == ["mobilenetv2_035"]
     assert "test" not in json.dumps(record["tried"])  # chosen on val, test never read
     again = transferlab.load(run)
@@ -38,8 +41,18 @@ def test_auto_tries_finetuning_when_the_budget_allows_and_keeps_the_better(tiny_
                           **tiny_fit_options(tmp_path), verbose=False)  # fmt: skip
     auto = clf.metrics["auto"]
     rows = {r["strategy"]: r for r in auto["tried"]}
-    assert set(rows) == {"features", "finetune"} and "skipped" not in rows["finetune"]
-    best = max(rows.values(), key=lambda r: (r["val_accuracy"], -r["val_log_loss"]))
+    assert set(rows) == {"features", "finetune", "ensemble"}
+    assert "skipped" not in rows["finetune"] and "skipped" not in rows["ensemble"]
+    # the ensemble of the two (one backbone: the features head and the fine-tuned network)
+    assert rows["ensemble"]["members"] == [
+        f"{r['strategy']} on mobilenetv2_035"
+        for r in sorted((rows["features"], rows["finetune"]),
+                        key=lambda r: (r["val_accuracy"], -r["val_log_loss"]), reverse=True)
+    ]  # fmt: skip
+    single = max((rows["features"], rows["finetune"]),
+                 key=lambda r: (r["val_accuracy"], -r["val_log_loss"]))  # fmt: skip
+    kept = rows["ensemble"]["reason"].startswith("kept")
+    best = rows["ensemble"] if kept else single
     assert auto["chosen"]["strategy"] == best["strategy"] == clf.saved.strategy
     assert clf.metrics["val"]["accuracy"] == pytest.approx(best["val_accuracy"])
 

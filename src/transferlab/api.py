@@ -114,7 +114,8 @@ def _fit(
             preprocess=result.preprocess,
             body=result.body,
             head=result.head,
-            strategy=ctx.config.strategy,  # auto: the one it chose (auto.json says why)
+            # auto: the one it chose (auto.json says why), "ensemble" for an ensemble
+            strategy=result.info.get("strategy", ctx.config.strategy),
             config=ctx.config.to_dict(),
         )
     )
@@ -166,7 +167,7 @@ def _fit_metrics(
         if probs is None:
             probs = clf.predict_proba_split(split)
         metrics[name] = classification_report(split.labels, probs, clf.classes)
-    metrics["strategy"] = ctx.config.strategy
+    metrics["strategy"] = result.info.get("strategy", ctx.config.strategy)
     metrics["timings"] = dict(ctx.timings)
     metrics["info"] = result.info
     if ctx.extract_stats:

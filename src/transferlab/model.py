@@ -1,5 +1,11 @@
 """The trained network: a body (pooled features) + a head (logits), and how a body is rebuilt
-from the JSON recipe stored with it (the run folder that holds them is :mod:`transferlab.runs`)."""
+from the JSON recipe stored with it (the run folder that holds them is :mod:`transferlab.runs`).
+
+An ensemble is the same shape, so every path that runs a single model runs it too: its body
+(:class:`EnsembleBody`) maps one image to every member's logits side by side, and its head (the
+``"average"`` kind of :func:`transferlab.heads.build_head`) turns those into the log of the
+weighted average of the members' probabilities.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from transferlab.errors import TransferlabError
+from transferlab.heads import build_head
+from transferlab.preprocess import Preprocess
+
+ENSEMBLE = "ensemble"  # the body recipe kind of an ensemble
 
 
 class ClassifierNet(nn.Module):
@@ -56,7 +67,15 @@ def build_body(recipe: dict[str, Any]) -> nn.Module:
         from transferlab.scratch import build_scratch_body
 
         return build_scratch_body(recipe)
+    if kind == ENSEMBLE:
+        return EnsembleBody([_member(m) for m in recipe["members"]])
     raise TransferlabError(f"unknown body kind {kind!r} in the model's body recipe")
+
+
+def _member(entry: dict[str, Any]) -> EnsembleMember:
+    """An ensemble member from its recipe entry: body recipe, head spec, preprocessing."""
+    pre = Preprocess.from_dict(entry["preprocess"])
+    return EnsembleMember(build_body(entry["body"]), build_head(entry["head"]), pre)
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -66,6 +85,56 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     p = np.exp(z)
     return p / p.sum(axis=1, keepdims=True)
+
+
+class EnsembleMember(ClassifierNet):
+    """One member of an ensemble: the ensemble's input (float RGB in [0, 1] at the ensemble's
+    size) → resized to the member's own input size → its own mean/std → its logits (n, C).
+
+    Each member keeps the normalization it was trained with, so members of different families
+    (0.5/0.5 Inception-style, ImageNet mean/std) share one uint8 input.
+    """
+
+    def __init__(self, body: nn.Module, head: nn.Module, preprocess: Preprocess) -> None:
+        super().__init__(body, head)
+        self.preprocess = preprocess
+        self.input_size = tuple(int(v) for v in preprocess.input_size)
+        mean = torch.tensor(preprocess.mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(preprocess.std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.register_buffer("mean", mean, persistent=False)  # from model.json, not weights
+        self.register_buffer("std", std, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) != self.input_size:
+            # Bilinear without antialiasing: one ONNX Resize that ONNX Runtime and OpenVINO
+            # compute as torch does (the shrink is mild: the largest member sets the size).
+            x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False)
+        return super().forward((x - self.mean) / self.std)
+
+
+class EnsembleBody(nn.Module):
+    """Float RGB in [0, 1] (n, 3, H, W) → every member's logits side by side (n, K·C)."""
+
+    def __init__(self, members: list[EnsembleMember]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m(x) for m in self.members], dim=1)
+
+
+def ensemble_preprocess(members: list[Preprocess]) -> Preprocess:
+    """The ensemble's preprocessing: the geometry of its largest member (the others shrink in
+    the network), no normalization (mean 0, std 1: each member normalizes its own input)."""
+    largest = max(members, key=lambda p: p.input_size[0] * p.input_size[1])
+    return Preprocess(
+        input_size=largest.input_size,
+        interpolation=largest.interpolation,
+        crop_pct=largest.crop_pct,
+        crop_mode=largest.crop_mode,
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+    )
 
 
 class LazyNet:

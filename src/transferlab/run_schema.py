@@ -54,7 +54,13 @@ class PreprocessSchema(_Model):
     std: tuple[Positive, Positive, Positive]
 
 
-class RecipeSchema(_Model):
+class HeadSchema(_Model):
+    kind: StrictStr
+    in_features: Annotated[int, Field(strict=True, ge=1, le=1_000_000)]
+    num_classes: Annotated[int, Field(strict=True, ge=2, le=1_000_000)]
+
+
+class MemberRecipeSchema(_Model):
     kind: Literal["timm", "scratch"]
 
     @model_validator(mode="before")
@@ -64,17 +70,30 @@ class RecipeSchema(_Model):
         return value
 
 
+class MemberSchema(_Model):
+    """One network of an ensemble: its body, its head, the preprocessing it was trained with."""
+
+    body: MemberRecipeSchema
+    head: HeadSchema
+    preprocess: PreprocessSchema
+
+
+class RecipeSchema(MemberRecipeSchema):
+    kind: Literal["timm", "scratch", "ensemble"]  # type: ignore[assignment]
+    members: Annotated[list[MemberSchema], Field(min_length=2, max_length=16)] | None = None
+
+    @model_validator(mode="after")
+    def _members_of_ensembles(self) -> RecipeSchema:
+        if (self.kind == "ensemble") != (self.members is not None):
+            raise ValueError("an ensemble recipe (and only one) lists its members")
+        return self
+
+
 class BodySchema(_Model):
     spec: StrictStr
     recipe: RecipeSchema
     weights_hash: StrictStr
     trained: bool = False
-
-
-class HeadSchema(_Model):
-    kind: StrictStr
-    in_features: Annotated[int, Field(strict=True, ge=1, le=1_000_000)]
-    num_classes: Annotated[int, Field(strict=True, ge=2, le=1_000_000)]
 
 
 class ConfigSchema(_Model):
@@ -131,6 +150,12 @@ def validate_model_meta(meta: Any, meta_path: Path) -> dict[str, Any]:
             f"classes has {len(checked.classes)} names but head.num_classes is "
             f"{checked.head.num_classes}"
         )
+    for i, member in enumerate(checked.body.recipe.members or []):
+        if member.head.num_classes != len(checked.classes):
+            problems.append(
+                f"body.recipe.members.{i}.head.num_classes is {member.head.num_classes}, not "
+                f"the {len(checked.classes)} classes"
+            )
     problems += _cache_dir_problem(checked.config.cache_dir)
     if problems:
         raise TransferlabError(f"{meta_path}: invalid model description: {'; '.join(problems)}")

@@ -35,7 +35,7 @@ def _facts(clf: Classifier) -> list[tuple[str, str]]:
         shown += f", … ({len(classes)} in all)"
     facts = [
         ("backbone", str(saved.body.get("spec", saved.config.get("backbone", "?")))),
-        ("strategy", f"{saved.strategy} + {saved.config.get('head', '?')} head"),
+        ("strategy", _strategy(saved.strategy, saved.head, saved.config)),
         ("classes", shown),
     ]
     for split in ("val", "test"):
@@ -48,6 +48,13 @@ def _facts(clf: Classifier) -> list[tuple[str, str]]:
         if report.is_file():
             facts.append(("report", str(report)))
     return facts
+
+
+def _strategy(strategy: str, head: dict[str, Any], config: dict[str, Any]) -> str:
+    """``features + linear head``; an ensemble: its members' weights (the head is their mix)."""
+    if "weights" not in head:
+        return f"{strategy} + {config.get('head', '?')} head"
+    return f"{strategy}, weights {' / '.join(f'{w:.2f}' for w in head['weights'])} (chosen on val)"
 
 
 def _accuracy(m: dict[str, Any]) -> str:

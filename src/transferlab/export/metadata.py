@@ -33,7 +33,7 @@ def build_metadata(clf: Classifier, fmt: str) -> dict[str, Any]:
     saved = clf.saved
     h, w = saved.preprocess.input_size
     test = (clf.metrics or {}).get("test") or {}
-    return {
+    meta = {
         "format": f"transferlab-{fmt}",
         "format_version": 1,
         "classes": list(saved.classes),
@@ -61,6 +61,23 @@ def build_metadata(clf: Classifier, fmt: str) -> dict[str, Any]:
         "transferlab_version": transferlab.__version__,
         "torch_version": torch.__version__,
         "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    if saved.body.get("members"):
+        meta["ensemble"] = _ensemble_contract(saved.body["members"])
+        meta["preprocess"]["in_graph"] = (
+            "uint8 → float x/255; per member: bilinear resize to its input size, its own "
+            "(x − mean)/std, its network, softmax; the members' probabilities averaged with "
+            "the ensemble's weights"
+        )
+    return meta
+
+
+def _ensemble_contract(members: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the one graph of an ensemble runs: each member, its input size and its weight."""
+    keys = ("spec", "strategy", "input_size", "weight")
+    return {
+        "kind": "weighted average of the members' probabilities (weights chosen on val)",
+        "members": [{k: m[k] for k in keys if k in m} for m in members],
     }
 
 

@@ -42,11 +42,13 @@ they travel in the ``state_dict``; ``spec`` (JSON-able) plus the ``state_dict`` 
 from __future__ import annotations
 
 from transferlab.heads.base import (
+    AVERAGE,
     HEADS,
     NUM_THREADS_DEFAULT,
     FittedHead,
     Head,
     Standardize,
+    WeightedAverage,
     build_head,
     torch_threads,
 )
@@ -55,6 +57,7 @@ from transferlab.heads.linear import DEFAULT_L2, L2_GRID
 from transferlab.heads.mlp import train_epochs
 
 __all__ = [
+    "AVERAGE",
     "DEFAULT_L2",
     "HEADS",
     "L2_GRID",
@@ -62,6 +65,7 @@ __all__ = [
     "FittedHead",
     "Head",
     "Standardize",
+    "WeightedAverage",
     "build_head",
     "fit_head",
     "moments",

@@ -17,6 +17,9 @@ from transferlab.config import HEAD_NAMES
 from transferlab.errors import TransferlabError
 
 HEADS = HEAD_NAMES
+# An ensemble's head (model.EnsembleBody gives it the members' logits): never trained, its
+# weights are chosen on val; not a --head choice, so not in HEAD_NAMES.
+AVERAGE = "average"
 
 # Torch intra-op threads while a head is fitted (``num_threads``; None leaves torch's setting).
 # One: a head fit is thousands of small ops (n x 1280 @ 1280 x C), each ending in an OpenMP
@@ -128,6 +131,8 @@ def _mlp_net(
 def build_head(spec: dict) -> nn.Module:
     """An untrained module of the shape ``spec`` describes (load a state_dict into it)."""
     kind = spec.get("kind")
+    if kind == AVERAGE:
+        return WeightedAverage.from_spec(spec)
     if kind not in HEADS:
         raise TransferlabError(f"head spec has kind {kind!r}; expected one of {', '.join(HEADS)}")
     try:
@@ -142,6 +147,37 @@ def build_head(spec: dict) -> nn.Module:
     head = Head(d, net)
     head.eval()
     return head
+
+
+class WeightedAverage(nn.Module):
+    """K members' logits side by side (n, K·C) → log of the weighted average of their softmax
+    probabilities (n, C); a softmax of that gives back the average itself."""
+
+    def __init__(self, weights: Sequence[float], num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = int(num_classes)
+        w = torch.tensor([float(v) for v in weights], dtype=torch.float32)
+        # From the spec in model.json (the JSON records the weights), so not saved as tensors.
+        self.register_buffer("log_weights", torch.log(w).view(1, -1, 1), persistent=False)
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> WeightedAverage:
+        try:
+            weights = list(spec["weights"])
+            c, d = int(spec["num_classes"]), int(spec["in_features"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise TransferlabError(f"average head spec: bad or missing {e}") from None
+        finite = all(isinstance(w, int | float) and 0 < w < float("inf") for w in weights)
+        if not weights or not finite or abs(sum(weights) - 1) > 1e-6 or d != len(weights) * c:
+            raise TransferlabError(
+                "average head spec: weights must be positive, sum to 1 and number in_features / "
+                f"num_classes ({d} / {c}); got {weights}"
+            )
+        return cls(weights, c).eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(x.reshape(x.shape[0], -1, self.num_classes), dim=2)
+        return torch.logsumexp(logp + self.log_weights, dim=1)
 
 
 def weighted_ce(

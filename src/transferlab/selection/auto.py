@@ -6,7 +6,13 @@ within a wall-clock budget, every choice made on train/val (never test).
 2. **Features + linear head** on the best few by CV accuracy: seconds each, the features being
    cached; scored on val (on the CV accuracy when there is no val split).
 3. **Fine-tune** the best of them when what is left of the budget covers the estimated cost
-   (``--max-time`` caps it at what is left); kept only when it beats its features head on val.
+   (``--max-time`` caps it at what is left, less the ensemble's estimate); kept only when it
+   beats its features head on val.
+4. **Ensemble** the two best models (two backbones when there are two): the weighted average of
+   their probabilities, weights chosen on val through the ensemble's own forward
+   (:mod:`.ensemble`); tried when the budget left covers its estimated val + test passes, kept
+   only when it beats the best single model on val (accuracy, then log loss), its own score
+   cross-fitted on val (weights chosen on one half, scored on the other).
 
 What was tried, what each scored and cost, and why the winner won go to ``auto.json`` in the run.
 """
@@ -26,7 +32,10 @@ from transferlab.augment import normalizer
 from transferlab.config import DEFAULT_BACKBONE, FitConfig
 from transferlab.data.loader import iter_decoded
 from transferlab.data.prepared import PreparedData, Split
+from transferlab.model import ENSEMBLE
 from transferlab.progress import info
+from transferlab.selection.ensemble import ensemble_seconds, fit_ensemble
+from transferlab.selection.output import short_name
 from transferlab.selection.rank import offline_backbones, rank
 from transferlab.strategies import STRATEGIES, StrategyContext, StrategyResult, strategy_context
 
@@ -54,31 +63,134 @@ def fit_auto(prepared: PreparedData, config: FitConfig, out: Path) -> AutoChoice
     specs = [config.backbone] if config.backbone != DEFAULT_BACKBONE else _candidates()
     ranked = rank(prepared.index.root, backbones=specs, prepared=prepared, config=config)
     top = sorted(ranked.candidates, key=lambda c: -c.cv_accuracy)[:HEADS_TRIED]
-    tried: list[dict[str, Any]] = []
+    rates = {c.backbone: c.images_per_s for c in top}
     scored = []
     for cand in top:
         cfg = replace(config, strategy="features", backbone=cand.backbone)
         scored.append(_try(prepared, cfg, out, fallback=cand.cv_accuracy))
-        tried.append(scored[-1][1])
-    winner, row = max(scored, key=lambda pair: pair[1]["score"])
-    left = budget - (time.perf_counter() - t0)
-    rate = next(c.images_per_s for c in top if c.backbone == row["backbone"])
-    estimate = _finetune_estimate(config, prepared, rate)  # of the winner's backbone
-    if prepared.splits.get("val") is None:
-        tried.append({"strategy": "finetune", "skipped": "no val split to judge it on"})
-    elif left < estimate:
-        tried.append({"strategy": "finetune", "skipped": f"~{estimate:.0f} s, {left:.0f} s left"})
-    else:
-        cfg = replace(winner.ctx.config, strategy="finetune", max_time=left * FINETUNE_SHARE)
-        tuned, tuned_row = _try(prepared, cfg, out, fallback=-math.inf)
-        tried.append(tuned_row)
-        if tuned_row["score"] > row["score"]:
-            winner, row = tuned, tuned_row
+    tried = [row for _, row in scored]
+    # Fine-tuning leaves the ensemble's estimated cost: it comes after, and is far cheaper.
+    reserve = _ensemble_cost(prepared, _pair(scored), rates)
+    _finetune(prepared, out, scored, tried, rates, budget - (time.perf_counter() - t0), reserve)
+    winner, row = max(scored, key=lambda pair: pair[1]["score"])  # the first among equals
+    ensemble = _ensemble(prepared, scored, rates, budget - (time.perf_counter() - t0))
+    tried.append(ensemble.row)
+    if ensemble.choice is not None:
+        winner, row = ensemble.choice, ensemble.row
     seconds = time.perf_counter() - t0
     winner.record = _record(config, budget, ranked.to_dict(), tried, row, seconds)
+    winner.record["ensemble"] = ensemble.summary()
     info(f"auto: {row['strategy']} on {row['backbone']} (val accuracy {row['val_accuracy']:.4f}) "
          f"in {seconds:.0f} s of {budget:.0f}; auto.json says why")  # fmt: skip
     return winner
+
+
+Scored = list[tuple[AutoChoice, dict[str, Any]]]
+
+
+def _finetune(
+    prepared: PreparedData,
+    out: Path,
+    scored: Scored,
+    tried: list[dict[str, Any]],
+    rates: dict[str, float],
+    left: float,
+    reserve: float,
+) -> None:
+    """Fine-tune the best features head's backbone when what is ``left`` of the budget, less
+    the ``reserve`` kept for the ensemble, covers the estimate; the result joins ``scored``
+    (and ``tried``), or the reason it was skipped joins ``tried``."""
+    winner, row = max(scored, key=lambda pair: pair[1]["score"])
+    estimate = _finetune_estimate(winner.ctx.config, prepared, rates[row["backbone"]])
+    kept = f" (~{reserve:.0f} s of it kept for the ensemble)" if reserve else ""
+    left -= reserve
+    if prepared.splits.get("val") is None:
+        tried.append({"strategy": "finetune", "skipped": "no val split to judge it on"})
+    elif left < estimate:
+        skipped = f"~{estimate:.0f} s, {left + reserve:.0f} s left{kept}"
+        tried.append({"strategy": "finetune", "skipped": skipped})
+    else:
+        cfg = replace(winner.ctx.config, strategy="finetune", max_time=left * FINETUNE_SHARE)
+        scored.append(_try(prepared, cfg, out, fallback=-math.inf))
+        tried.append(scored[-1][1])
+
+
+@dataclass
+class _EnsembleStep:
+    """The ensemble's row in ``tried``; ``choice``: the ensemble, when it is kept."""
+
+    row: dict[str, Any]
+    choice: AutoChoice | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """auto.json's ``ensemble``: tried or not, kept or not, and why."""
+        keys = ("backbone", "members", "weights", "val_accuracy", "val_log_loss", "cv_val_accuracy",
+                "cv_val_log_loss", "seconds", "estimate_s", "reason", "skipped")  # fmt: skip
+        return {
+            "tried": "skipped" not in self.row,
+            "kept": self.choice is not None,
+            **{k: self.row[k] for k in keys if k in self.row},
+        }
+
+
+def _pair(scored: Scored) -> Scored:
+    """The two best models (by val score), from two backbones when there are two."""
+    ranked = sorted(scored, key=lambda pair: pair[1]["score"], reverse=True)  # stable
+    if len(ranked) < 2:
+        return ranked
+    first = ranked[0]
+    second = next((p for p in ranked[1:] if p[1]["backbone"] != first[1]["backbone"]), ranked[1])
+    return [first, second]
+
+
+def _ensemble_cost(prepared: PreparedData, pair: Scored, rates: dict[str, float]) -> float:
+    """Seconds the ensemble's val pass and, if it is kept, fit's test pass would take."""
+    if len(pair) < 2 or prepared.splits.get("val") is None:
+        return 0.0
+    images = sum(len(prepared.splits.get(name) or ()) for name in ("val", "test"))
+    return ensemble_seconds(images, [rates[row["backbone"]] for _, row in pair])
+
+
+def _ensemble(
+    prepared: PreparedData, scored: Scored, rates: dict[str, float], left: float
+) -> _EnsembleStep:
+    """Try the ensemble of the two best models when there is a val split and the time for
+    it; kept only when it beats the best single model on val (accuracy, then log loss)."""
+    pair, val = _pair(scored), prepared.splits.get("val")
+    row: dict[str, Any] = {"strategy": ENSEMBLE, "backbone": " + ".join(
+        short_name(r["backbone"]) for _, r in pair)}  # fmt: skip
+    estimate = _ensemble_cost(prepared, pair, rates)
+    if len(pair) < 2:
+        row["skipped"] = "one model only: nothing to ensemble"
+    elif val is None:
+        row["skipped"] = "no val split to choose the weights on"
+    elif left < estimate:
+        row["skipped"] = f"~{estimate:.0f} s, {left:.0f} s left"
+    if "skipped" in row:
+        return _EnsembleStep(row)
+    t0 = time.perf_counter()
+    members = [choice.result for choice, _ in pair]
+    ens = fit_ensemble(members, [r["strategy"] for _, r in pair], val, pair[0][0].ctx.config)
+    row.update(
+        members=[f"{r['strategy']} on {short_name(r['backbone'])}" for _, r in pair],
+        weights=ens.weights, val_accuracy=ens.val_accuracy, val_log_loss=ens.val_log_loss,
+        cv_val_accuracy=ens.cv_accuracy, cv_val_log_loss=ens.cv_log_loss,
+        seconds=time.perf_counter() - t0, estimate_s=estimate,
+        score=(ens.cv_accuracy, -ens.cv_log_loss),  # weights fitted on val flatter it there
+    )  # fmt: skip
+    best = pair[0][1]
+    vs = (f"cross-fitted val accuracy {ens.cv_accuracy:.4f} / log loss {ens.cv_log_loss:.4f} vs "
+          f"{best['strategy']} on {short_name(best['backbone'])}'s {best['val_accuracy']:.4f} / "
+          f"{best['val_log_loss']:.4f}")  # fmt: skip
+    info(f"auto: ensemble {row['backbone']} (weights {ens.weights}): {vs}")
+    if ens.result is None:
+        row["reason"] = f"not kept: the val-optimal weights {ens.weights} leave a member out"
+        return _EnsembleStep(row)
+    if row["score"] <= best["score"]:
+        row["reason"] = f"not kept: {vs}, not better"
+        return _EnsembleStep(row)
+    row["reason"] = f"kept: {vs}"
+    return _EnsembleStep(row, AutoChoice(ens.result, pair[0][0].ctx))
 
 
 def _candidates() -> list[str]:
@@ -158,6 +270,5 @@ def _record(
         "tried": [plain(r) for r in tried],
         "chosen": plain(chosen),
         "why": "highest val accuracy, then lowest val log loss, among those tried (test unseen)",
-        "ensemble": "not tried: a single model is saved",
         "config": {"strategy": "auto", "time_budget": config.time_budget},
     }

@@ -12,7 +12,7 @@ from torch import nn
 
 from transferlab.errors import TransferlabError
 from transferlab.evaluation.explain.common import has_submodule, model_device_dtype
-from transferlab.model import eval_mode
+from transferlab.model import EnsembleBody, EnsembleMember, eval_mode
 
 CamMethod = Literal["gradcam", "hirescam"]
 LayerSpec = str | nn.Module | None
@@ -131,8 +131,12 @@ def find_target_layer(
     return the very same tensor (a stage, its last block, the block's activation) the timm
     ``feature_info`` name is preferred, else the outermost one, e.g. ``layer4`` (resnet),
     ``bn2`` (mobilenet/efficientnet: conv_head + BN + act), ``stages.3`` (convnext),
-    ``body.bn2`` for a transferlab ``ClassifierNet`` (all with ``max_stride=None``).
+    ``body.bn2`` for a transferlab ``ClassifierNet`` (all with ``max_stride=None``). An
+    ensemble's output is read at its heaviest member's stage (``body.members.<i>.body.…``).
     """
+    if (member := _heaviest_member(model)) is not None:  # each member has its own maps
+        name, layer = find_target_layer(member[1], member[1].input_size, max_stride=max_stride)
+        return f"{member[0]}.{name}", layer
     size = input_size or _default_input_size(model)
     records = _trace(model, size)
     # Everything after the first global pool is (n, C, 1, 1) or flat: not a spatial map,
@@ -190,6 +194,18 @@ def _refuse_non_convolutional(
             "on tokens (a vision transformer?); class activation maps need a convolutional "
             "feature map. Pass target_layer= a module with an (n, C, h, w) output if it has one"
         )
+
+
+def _heaviest_member(model: nn.Module) -> tuple[str, EnsembleMember] | None:
+    """For an ensemble (:class:`~transferlab.model.EnsembleBody`), its member with the largest
+    weight and that member's name; None for any other model. A class activation map needs one
+    spatial map, and the ensemble's members each have their own."""
+    body = getattr(model, "body", None)
+    if not isinstance(body, EnsembleBody):
+        return None
+    log_weights = getattr(getattr(model, "head", None), "log_weights", None)
+    i = int(log_weights.flatten().argmax()) if isinstance(log_weights, torch.Tensor) else 0
+    return f"body.members.{i}", body.members[i]
 
 
 def resolve_layer(

@@ -26,9 +26,23 @@ def auto_section(ctx: RunContext) -> dict[str, Any]:
         "tried": tried,
         "chosen": f"{chosen.get('strategy')} on {chosen.get('backbone')}",
         "why": record.get("why", ""),
+        "ensemble": _ensemble_line(record.get("ensemble")),
         "budget": f"{record.get('seconds', 0):.0f} s of a {record.get('time_budget_s', 0):.0f} s "
         "budget",
     }
+
+
+def _ensemble_line(ens: Any) -> str:
+    """One sentence on the ensemble: its members, weights and whether it was kept, and why."""
+    if not isinstance(ens, dict):  # runs from before ensembles said so in a string
+        return str(ens or "")
+    if not ens.get("tried"):
+        return f"not tried: {ens.get('skipped', 'no reason recorded')}"
+    weights = ", ".join(
+        f"{m} × {w:.2f}"
+        for m, w in zip(ens.get("members", []), ens.get("weights", []), strict=False)
+    )
+    return f"{weights}: {ens.get('reason', '')}"
 
 
 def _pct(v: float | None) -> str:
