@@ -154,10 +154,6 @@ class LazyNet:
         self._net: ClassifierNet | None = None
 
     @property
-    def built(self) -> bool:
-        return self._net is not None
-
-    @property
     def body(self) -> nn.Module:
         return self.eval().body
 

@@ -21,9 +21,12 @@ import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
+
+from torch import nn
 
 from transferlab.backbones.identity import Backbone
 from transferlab.cache import default_cache_dir
@@ -31,7 +34,7 @@ from transferlab.errors import TransferlabError
 from transferlab.preprocess import Preprocess
 from transferlab.storage import atomic_write_text, save_tensors
 
-__all__ = ["CARDS", "card_key", "read_card", "write_card"]
+__all__ = ["CARDS", "card_backbone", "card_key", "read_card", "write_card"]
 
 CARDS = "backbones"  # the cards' folder in the cache
 _FORMAT = 1
@@ -99,7 +102,7 @@ def write_card(
         atomic_write_text(meta, json.dumps(card, indent=2))
 
 
-def card_backbone(card: dict[str, Any], build: Any) -> Backbone:
+def card_backbone(card: dict[str, Any], build: Callable[[], nn.Module]) -> Backbone:
     """The Backbone a card describes, its network built by ``build`` on first use."""
     return Backbone(
         spec=card["spec"],
