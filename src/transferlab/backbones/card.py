@@ -18,6 +18,7 @@ files through timm; random weights exist only once built).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -53,10 +54,19 @@ def card_key(folder: Path, weights_file: Path) -> str | None:
     h = hashlib.sha256(config)
     parts = (
         _FORMAT, str(folder), str(weights_file), st.st_size, st.st_mtime_ns, st.st_ino,
-        version("timm"), version("torch"), transferlab.__version__,
+        version("timm"), version("torch"), transferlab.__version__, _code_digest(),
     )  # fmt: skip
     h.update(repr(parts).encode())
     return h.hexdigest()[:32]
+
+
+@functools.cache
+def _code_digest() -> str:
+    """The code that derives a card's content: a change to it (in a checkout, before any
+    version bump) is a miss, not a stale card."""
+    here = Path(__file__).parent
+    files = (here / "create.py", here / "identity.py", here.parent / "preprocess.py")
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
 
 
 def _paths(key: str, cache_dir: str | os.PathLike[str] | None) -> tuple[Path, Path]:
