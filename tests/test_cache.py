@@ -282,6 +282,15 @@ def test_cache_commands_say_files_and_features(tmp_path):
 
     r = tl("info")
     assert r.returncode == 0 and "in 4 files (12 features)" in r.stdout, r.stdout + r.stderr
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "a.png").write_bytes(b"x" * 10)
+    (tmp_path / "backbones").mkdir()
+    (tmp_path / "backbones" / "k.json").write_bytes(b"{}")
+    r = tl("info")  # report figures and backbone cards: listed under their own names
+    assert "figures: 10 B, 1 files" in r.stdout and "backbones: 2 B, 1 files" in r.stdout
+    assert "in 6 files (12 features)" in r.stdout
+    for p in (tmp_path / "figures" / "a.png", tmp_path / "backbones" / "k.json"):
+        p.unlink()
     r = tl("compact")
     assert r.returncode == 0 and "merged 2 packs: 10 features kept, 2 dropped" in r.stdout
     assert "in 2 files (10 features)" in tl("info").stdout

@@ -37,6 +37,8 @@ class CacheInfo:
     files: int = 0
     namespaces: dict[str, dict[str, int]] = field(default_factory=dict)  # name → bytes, files
     exports: dict[str, int] = field(default_factory=lambda: {"bytes": 0, "files": 0})
+    # report figures and CAMs ("figures"), backbone cards ("backbones"): bytes, files
+    others: dict[str, dict[str, int]] = field(default_factory=dict)
     oldest_s: float | None = None  # age of the least recently used entry
     entries: int = 0  # feature records (pack records + old one-file entries; repeats count)
 
@@ -88,8 +90,10 @@ def cache_info(root: str | os.PathLike | None = None) -> CacheInfo:
         rel = paths[0].relative_to(cache_root).parts
         if rel[0] == "features" and len(rel) > 2:
             ns = info.namespaces.setdefault(rel[1], {"bytes": 0, "files": 0})
-        else:
+        elif rel[0] == "exports":
             ns = info.exports
+        else:
+            ns = info.others.setdefault(rel[0], {"bytes": 0, "files": 0})
         ns["bytes"] += size
         ns["files"] += sum(p.exists() for p in paths)
         age = now - used

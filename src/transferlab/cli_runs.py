@@ -167,8 +167,8 @@ def cache_info_cmd(
     )
     for name, ns in sorted(info.namespaces.items(), key=lambda kv: -kv[1]["bytes"]):
         out_console.print(f"  features/{name}: {human_bytes(ns['bytes'])}, {ns['files']} files")
-    ex = info.exports
-    out_console.print(f"  exports: {human_bytes(ex['bytes'])}, {ex['files']} files")
+    for name, part in {"exports": info.exports, **info.others}.items():
+        out_console.print(f"  {name}: {human_bytes(part['bytes'])}, {part['files']} files")
     if info.oldest_s is not None:
         out_console.print(f"  least recently used entry: {info.oldest_s / 86400:.1f} days ago")
 
