@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
         "storage",
         "config",
         "preprocess",
+        "figures",
         "evaluation.stats",
     ),  # fmt: skip
     # data in, augmentation, the feature cache

@@ -67,6 +67,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
 
 
+def code_digest(*files: str | os.PathLike[str]) -> str:
+    """A digest of source files: part of a cached result's key, so changed code recomputes."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(Path(f).read_bytes())
+    return h.hexdigest()
+
+
 def atomic_copy(source: Path, path: Path) -> None:
     """Copy a file via a temporary file and a rename (failures as in atomic_write_bytes)."""
     tmp = _tmp_sibling(path)

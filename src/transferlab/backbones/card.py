@@ -33,7 +33,7 @@ from transferlab.backbones.identity import Backbone
 from transferlab.cache import default_cache_dir
 from transferlab.errors import TransferlabError
 from transferlab.preprocess import Preprocess
-from transferlab.storage import atomic_write_text, save_tensors
+from transferlab.storage import atomic_write_text, code_digest, save_tensors
 
 __all__ = ["CARDS", "card_backbone", "card_key", "read_card", "write_card"]
 
@@ -65,8 +65,7 @@ def _code_digest() -> str:
     """The code that derives a card's content: a change to it (in a checkout, before any
     version bump) is a miss, not a stale card."""
     here = Path(__file__).parent
-    files = (here / "create.py", here / "identity.py", here.parent / "preprocess.py")
-    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
+    return code_digest(here / "create.py", here / "identity.py", here.parent / "preprocess.py")
 
 
 def _paths(key: str, cache_dir: str | os.PathLike[str] | None) -> tuple[Path, Path]:

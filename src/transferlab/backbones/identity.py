@@ -16,7 +16,7 @@ from transferlab.data.images import DECODE_VERSION
 from transferlab.preprocess import Preprocess
 from transferlab.storage import state_digest
 
-__all__ = ["Backbone", "file_sha256", "loaded_weights_hash", "random_init_hash"]
+__all__ = ["Backbone", "file_sha256", "loaded_weights_hash", "random_init_hash", "short_name"]
 
 
 class Backbone:
@@ -104,9 +104,14 @@ class Backbone:
 
     def identity_hash(self) -> str:
         """Filename-safe short form of :meth:`identity`: ``<model name>-<sha256 prefix>``."""
-        name = self.spec.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1].split(":")[-1]
+        name = short_name(self.spec)
         digest = hashlib.sha256(self.identity().encode()).hexdigest()[:24]
         return f"{_safe_name(name)[:48]}-{digest}"
+
+
+def short_name(spec: str) -> str:
+    """``local-dir:/a/b/mobilenetv2_100.tf_quant_in1k`` → ``mobilenetv2_100.tf_quant_in1k``."""
+    return spec.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1].split(":")[-1]
 
 
 def _safe_name(name: str) -> str:

@@ -11,14 +11,17 @@ import base64
 import html
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.figure import Figure
 
-from transferlab.selection.output import png_bytes, short_name
+from transferlab.figures import figure_bytes, new_figure
+from transferlab.selection.output import short_name
 from transferlab.selection.powerlaw import PowerLaw
 from transferlab.storage import atomic_write_bytes, atomic_write_text, write_json
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
     "CURVE_FILE",
@@ -40,14 +43,14 @@ _EXTEND = 4.0  # the dashed extrapolation runs to this multiple of the largest m
 def write_outputs(report: dict[str, Any], out: Path, laws: Mapping[str, PowerLaw | None]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / CURVE_FILE, report)
-    png = png_bytes(plot_curve(report, laws))
+    png = figure_bytes(plot_curve(report, laws))
     atomic_write_bytes(out / CURVE_PNG, png)
     atomic_write_text(out / CURVE_HTML, curve_html(report, png))
 
 
 def plot_curve(report: Mapping[str, Any], laws: Mapping[str, PowerLaw | None]) -> Figure:
     split = report["eval_split"]
-    fig = Figure(figsize=(8, 5), dpi=100)
+    fig = new_figure((8, 5))
     ax = fig.subplots()
     for k, rung in enumerate(report["rungs"]):
         colour = f"C{k}"

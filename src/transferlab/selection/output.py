@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
+from transferlab.backbones.identity import short_name
 from transferlab.errors import TransferlabError
+from transferlab.figures import figure_bytes, new_figure
 from transferlab.storage import atomic_write_bytes
 
-__all__ = ["RANK_FILE", "RANK_PNG", "check_study_folder", "png_bytes", "plot_rank", "short_name"]
+__all__ = ["RANK_FILE", "RANK_PNG", "check_study_folder", "plot_rank", "short_name"]
 
 RANK_FILE = "rank.json"
 RANK_PNG = "rank.png"
@@ -43,24 +41,11 @@ def check_study_folder(
         )
 
 
-def short_name(spec: str) -> str:
-    """``local-dir:/a/b/mobilenetv2_100.tf_quant_in1k`` → ``mobilenetv2_100.tf_quant_in1k``."""
-    return spec.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1].split(":")[-1]
-
-
-def png_bytes(fig: Figure) -> bytes:
-    """A figure as PNG bytes, drawn on its own Agg canvas (pyplot's global state untouched)."""
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    return buf.getvalue()
-
-
 def plot_rank(report: Mapping[str, Any], out: Path) -> Path:
     """Two bar charts, candidates in rank order: LogME, and CV accuracy with its 95% CI."""
     cands = list(report["candidates"])[::-1]  # barh draws bottom-up; the best goes on top
     names = [short_name(c["backbone"]) for c in cands]
-    fig = Figure(figsize=(10, 1.2 + 0.45 * len(cands)), dpi=100)
+    fig = new_figure((10, 1.2 + 0.45 * len(cands)))
     ax_logme, ax_acc = fig.subplots(1, 2, sharey=True)
     ax_logme.barh(names, [c["logme"] for c in cands], color="#1f77b4")
     ax_logme.set_xlabel("LogME (higher transfers better)")
@@ -73,5 +58,5 @@ def plot_rank(report: Mapping[str, Any], out: Path) -> Path:
     ax_acc.set_xlabel(f"{report['folds']}-fold linear-probe accuracy (95% CI)")
     fig.suptitle(f"rank on {report['data']} (train + val only)")
     fig.tight_layout()
-    atomic_write_bytes(out, png_bytes(fig))
+    atomic_write_bytes(out, figure_bytes(fig))
     return out

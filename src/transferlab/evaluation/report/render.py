@@ -24,10 +24,11 @@ import numpy as np
 from markupsafe import Markup
 from PIL import Image
 
+from transferlab import figures
 from transferlab.data.images import open_rgb
 from transferlab.errors import TransferlabError
 from transferlab.evaluation import plots
-from transferlab.storage import atomic_write_bytes
+from transferlab.storage import atomic_write_bytes, code_digest
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -111,14 +112,6 @@ def cached_result(
     return result
 
 
-def code_digest(*files: str | os.PathLike[str]) -> str:
-    """A digest of source files: part of a cached result's key, so changed code recomputes."""
-    h = hashlib.sha256()
-    for f in files:
-        h.update(Path(f).read_bytes())
-    return h.hexdigest()
-
-
 def _figure_key(plot: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any]) -> str:
     h = hashlib.sha256(_plots_code_digest().encode())
     _feed(h, (plot.__module__, plot.__qualname__, args, kwargs))
@@ -128,7 +121,7 @@ def _figure_key(plot: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any]
 @functools.cache
 def _plots_code_digest() -> str:
     """The drawing code's and matplotlib's versions: a changed plot function draws anew."""
-    return code_digest(plots.__file__) + version("matplotlib")
+    return code_digest(plots.__file__, figures.__file__) + version("matplotlib")
 
 
 def _feed(h: Any, value: Any) -> None:

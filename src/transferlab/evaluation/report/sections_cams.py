@@ -13,9 +13,9 @@ from PIL import Image
 from transferlab.data.images import load_image
 from transferlab.evaluation import analysis
 from transferlab.evaluation.report.context import RunContext
-from transferlab.evaluation.report.render import CAM_PX, code_digest, jpeg_uri
+from transferlab.evaluation.report.render import CAM_PX, jpeg_uri
 from transferlab.runs import SavedModel
-from transferlab.storage import state_digest
+from transferlab.storage import code_digest, state_digest
 
 
 def _chosen(
