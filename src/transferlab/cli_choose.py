@@ -15,18 +15,19 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from transferlab.config import DEFAULT_BACKBONE, FitConfig
+from transferlab.config import FitConfig
 from transferlab.errors import TransferlabError
 from transferlab.progress import out_console
 
 __all__ = ["register"]
 
 _HELP = {f.name: f.metadata.get("help", "") for f in fields(FitConfig)}
+_DEFAULTS = FitConfig()
 
 
-def _field(name: str, default: Any) -> Any:
-    """A typer option for the ``FitConfig`` field ``name``, with that field's help."""
-    return typer.Option(default, help=_HELP[name])
+def _field(name: str) -> Any:
+    """A typer option for the ``FitConfig`` field ``name``, with that field's default and help."""
+    return typer.Option(getattr(_DEFAULTS, name), help=_HELP[name])
 
 
 def register(app: typer.Typer) -> None:
@@ -51,11 +52,11 @@ def rank(
     out: Path = typer.Option(Path("runs/rank"), "--out", "-o", help="Folder for rank.json/png."),
     folds: int = typer.Option(5, help="Stratified folds of the linear probe (train + val)."),
     overwrite: bool = typer.Option(False, help="Replace an earlier rank in OUT."),
-    seed: int = _field("seed", 42),
-    cache_dir: str | None = _field("cache_dir", None),
-    engine: str = _field("engine", "auto"),
-    batch_size: int = _field("batch_size", 32),
-    workers: int | None = _field("workers", None),
+    seed: int = _field("seed"),
+    cache_dir: str | None = _field("cache_dir"),
+    engine: str = _field("engine"),
+    batch_size: int = _field("batch_size"),
+    workers: int | None = _field("workers"),
 ) -> None:
     """Which backbone to fit: LogME and a k-fold linear probe on train + val (never test)."""
     if (backbones is None) == (not offline):
@@ -98,10 +99,10 @@ def curve(
     quick: bool = typer.Option(False, help="Fewer sizes, seeds and epochs: minutes on a CPU."),
     targets: str = typer.Option("0.9,0.95,0.98", help="Accuracies to estimate the data for."),
     overwrite: bool = typer.Option(False, help="Replace an earlier curve in OUT."),
-    backbone: str = _field("backbone", DEFAULT_BACKBONE),
-    seed: int = _field("seed", 42),
-    cache_dir: str | None = _field("cache_dir", None),
-    workers: int | None = _field("workers", None),
+    backbone: str = _field("backbone"),
+    seed: int = _field("seed"),
+    cache_dir: str | None = _field("cache_dir"),
+    workers: int | None = _field("workers"),
 ) -> None:
     """Accuracy vs images per class per rung, and a power law: how much data a target needs."""
     from transferlab.learning_curve import curve as run_curve
