@@ -53,7 +53,7 @@ class ExportedClassifier:
 
 
 def _session(path: Path, threads: int) -> Any:
-    from transferlab.runtime.graph import ort_session  # torch and timm come with it
+    from transferlab.runtime.graph import ort_session  # torch comes with it
 
     try:
         return ort_session(path, threads)
