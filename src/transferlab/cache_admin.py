@@ -3,7 +3,9 @@ merging its packs.
 
 The layout is :mod:`transferlab.cache`'s: ``features/<namespace>/packs/*.pack`` (+ ``.idx``,
 records appended by one writer each), old ``features/<namespace>/<xx>/<digest>.feat`` entries,
-and ``exports/*.onnx`` (one graph per backbone). Every entry can be recomputed, so pruning only
+``exports/*.onnx`` (one graph per backbone), and what makes a warm re-fit cheap:
+``figures/`` (report pictures), ``backbones/`` (backbone cards) and ``heads/`` (fitted heads,
+:mod:`transferlab.heads.remember`). Every entry can be recomputed, so pruning only
 costs time: the least recently used files go first, a pack together with its index.
 """
 
@@ -37,7 +39,7 @@ class CacheInfo:
     files: int = 0
     namespaces: dict[str, dict[str, int]] = field(default_factory=dict)  # name → bytes, files
     exports: dict[str, int] = field(default_factory=lambda: {"bytes": 0, "files": 0})
-    # report figures and CAMs ("figures"), backbone cards ("backbones"): bytes, files
+    # report figures and CAMs ("figures"), backbone cards ("backbones"), fitted heads ("heads")
     others: dict[str, dict[str, int]] = field(default_factory=dict)
     oldest_s: float | None = None  # age of the least recently used entry
     entries: int = 0  # feature records (pack records + old one-file entries; repeats count)
@@ -50,7 +52,7 @@ def _entries(root: Path) -> list[tuple[list[Path], int, float]]:
     """(paths, size, last use) of every cache file, a pack and its index as one; last use =
     max(atime, mtime)."""
     out = []
-    for sub in ("features", "exports", "figures", "backbones"):
+    for sub in ("features", "exports", "figures", "backbones", "heads"):
         for dirpath, _, names in os.walk(root / sub):
             for name in names:
                 p = Path(dirpath) / name

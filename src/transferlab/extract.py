@@ -7,7 +7,7 @@ batch (see ``data.loader.iter_decoded``), so the slower of the two sets the pace
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +89,18 @@ class FeatureExtractor:
         except OSError as e:
             self._cache_broken = True
             warn(f"feature cache {self.store.path} is not writable ({e}); continuing without it")
+
+    def cached_chunks(
+        self, digests: Sequence[str], rows: int = 4096
+    ) -> Iterator[np.ndarray | None]:
+        """The cached features of ``digests`` in order, ``rows`` at a time, or None for a chunk
+        holding a miss (the caller falls back to ``self(...)``): a pass over N cached images in
+        memory bounded by one chunk."""
+        dim = self.backbone.num_features
+        for start in range(0, len(digests), rows):
+            part = digests[start : start + rows]
+            out = np.empty((len(part), dim), dtype=np.float32)
+            yield out if self.store.read_into(part, out).all() else None
 
     def __call__(
         self,

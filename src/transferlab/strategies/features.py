@@ -8,12 +8,14 @@ L2 strength costs nothing.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import numpy as np
 
 from transferlab.data.prepared import Split
 from transferlab.errors import TransferlabError
 from transferlab.heads import FittedHead, fit_head
+from transferlab.heads.remember import features_digest, head_key, keep_head, recall_head
 from transferlab.model import ClassifierNet, LazyNet, softmax
 from transferlab.progress import progress
 from transferlab.strategies.base import StrategyContext, StrategyResult, body_record
@@ -34,13 +36,16 @@ def split_features(ctx: StrategyContext, split: Split, name: str) -> np.ndarray:
 
 
 def fit_head_on_features(ctx: StrategyContext) -> tuple[FittedHead, dict[str, np.ndarray]]:
-    """Phase 1 of every pretrained strategy: a head on cached features, plus val/test probs."""
+    """Phase 1 of every pretrained strategy: a head on cached features, plus val/test probs.
+
+    A head already fitted on the same features, labels and options comes from the cache
+    (``heads.remember``) after streamed passes over the cached features, which are then never
+    held in memory whole."""
+    recalled = _recalled_head(ctx)
+    if recalled is not None:
+        return recalled
     cfg = ctx.config
-    feats = {
-        name: split_features(ctx, split, name)
-        for name, split in (("train", ctx.train), ("val", ctx.val), ("test", ctx.test))
-        if split is not None and len(split)
-    }
+    feats = {name: split_features(ctx, split, name) for name, split in _splits(ctx)}
     t0 = time.perf_counter()
     fitted = fit_head(
         cfg.head,
@@ -54,12 +59,86 @@ def fit_head_on_features(ctx: StrategyContext) -> tuple[FittedHead, dict[str, np
     )
     ctx.timings["head_fit_s"] = time.perf_counter() - t0
     fitted.module.eval()
+    digests = {name: features_digest([feats[name]]) for name in ("train", "val") if name in feats}
+    keep_head(ctx.pretrained()[1].cache.root, _head_key(ctx, digests), fitted)
     probs = {
         name: softmax(fitted.predict_logits(feats[name]))
         for name in ("val", "test")
         if name in feats
     }
     return fitted, probs
+
+
+def _splits(ctx: StrategyContext) -> list[tuple[str, Split]]:
+    named = (("train", ctx.train), ("val", ctx.val), ("test", ctx.test))
+    return [(name, split) for name, split in named if split is not None and len(split)]
+
+
+def _head_key(ctx: StrategyContext, digests: dict[str, str]) -> str:
+    """What the head's bytes depend on: the features (digests), labels and fit arguments."""
+    cfg = ctx.config
+    labels = [s.labels.astype("<i8").tobytes() for name, s in _splits(ctx) if name in digests]
+    return head_key(cfg.head, cfg.class_weight, cfg.seed, len(ctx.classes), digests, *labels)
+
+
+class _Miss(Exception):
+    """A feature is not in the cache: the head is fitted the ordinary way."""
+
+
+def _recalled_head(ctx: StrategyContext) -> tuple[FittedHead, dict[str, np.ndarray]] | None:
+    """The kept head for these features and its val/test probs; None when a training or
+    validation feature or the head is not in the cache."""
+    t0 = time.perf_counter()
+    splits = dict(_splits(ctx))
+    recorded = len(ctx.extract_stats)  # a miss takes back what the passes recorded
+    try:
+        digests = {
+            name: features_digest(_streamed(ctx, splits[name], name))
+            for name in ("train", "val")
+            if name in splits
+        }
+    except _Miss:
+        fitted = None
+    else:
+        fitted = recall_head(ctx.pretrained()[1].cache.root, _head_key(ctx, digests))
+    if fitted is None:
+        del ctx.extract_stats[recorded:]
+        return None
+    probs = {}
+    for name in ("val", "test"):
+        if name in splits:
+            try:
+                chunks = _streamed(ctx, splits[name], name, stats=name == "test")
+                probs[name] = softmax(np.concatenate([fitted.predict_logits(c) for c in chunks]))
+            except _Miss:  # a test image the cache lacks (added since): computed as usual
+                probs[name] = softmax(
+                    fitted.predict_logits(split_features(ctx, splits[name], name))
+                )
+    ctx.timings["head_fit_s"] = 0.0
+    ctx.timings["head_recalled_s"] = time.perf_counter() - t0
+    return fitted, probs
+
+
+def _streamed(
+    ctx: StrategyContext, split: Split, name: str, *, stats: bool = True
+) -> Iterator[np.ndarray]:
+    """``split``'s cached features a chunk at a time, with progress and (``stats``) the
+    extraction record ``split_features`` makes; raises _Miss at the first uncached image."""
+    _, ex = ctx.pretrained()
+    t0 = time.perf_counter()
+    with progress(len(split), f"features [{name}]") as advance:
+        for chunk in ex.cached_chunks(split.digests):
+            if chunk is None:
+                raise _Miss
+            yield chunk
+            advance(len(chunk))
+    if stats:
+        seconds = time.perf_counter() - t0
+        ctx.timings[f"extract_{name}_s"] = seconds
+        ctx.extract_stats.append(
+            {"images": len(split), "cache_hits": len(split), "computed": 0, "failed": 0,
+             "cache_read_s": seconds, "extract_s": 0.0, "images_per_s": 0.0, "engine": "cache"}
+        )  # fmt: skip
 
 
 def run(ctx: StrategyContext) -> StrategyResult:
