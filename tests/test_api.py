@@ -7,10 +7,12 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import transferlab
 from transferlab.errors import TransferlabError
+from transferlab.model import LazyNet
 
 TINY = "mobilenetv2_035"  # random init: no network, ~0.4 M parameters
 
@@ -69,14 +71,20 @@ def test_fit_features_evaluates_saves_and_loads(split_data, tmp_path):
 
     loaded = transferlab.load(out)
     assert loaded.classes == clf.classes
+    # the body is built on first use; evaluating cached images does not use it
+    again = loaded.evaluate(split_data, split="test")
+    assert again["accuracy"] == metrics["test"]["accuracy"]
+    assert isinstance(loaded.saved._net, LazyNet)
+    assert loaded.extractor().identity == clf.extractor().identity
     preds = loaded.predict([split_data / "test" / "red", split_data / "test" / "blue"], top_k=2)
     assert len(preds) == 12
     correct = [p["label"] == ("red" if "/red/" in p["path"] else "blue") for p in preds]
     assert np.mean(correct) >= 0.9
     assert all(abs(sum(prob for _, prob in p["top_k"]) - 1) < 1e-5 for p in preds)
-    # The loaded model reproduces the fitted one's test metrics exactly.
-    again = loaded.evaluate(split_data, split="test")
-    assert again["accuracy"] == metrics["test"]["accuracy"]
+    # built from model.json + body.safetensors, the body gives the fitted network's features
+    x = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(loaded.net.body(x), clf.net.body.eval()(x))
 
 
 def test_refit_hits_the_feature_cache(split_data, tmp_path):

@@ -499,3 +499,11 @@ def test_a_warm_features_fit_imports_neither_timm_torchvision_nor_dynamo(tmp_pat
         '<section id="gradcam">' in report
         and "unavailable" not in report.split('<section id="gradcam">')[1].split("</section>")[0]
     )
+    # a loaded run builds its body on first use: a report, or an evaluation on cached images,
+    # of the warm run does not build it either (model.json records the arch the cache keys on)
+    tl = [sys.executable, "-X", "importtime", "-m", "transferlab", "-q"]
+    for command in (["report", str(runs[1])], ["evaluate", str(runs[1]), str(data)]):
+        done = subprocess.run(tl + command, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "timm" not in imported(done.stderr), command
+    assert "test" in done.stdout and "accuracy" in done.stdout

@@ -40,6 +40,7 @@ LAYERS: list[tuple[str, ...]] = [
     # the run folder, prediction, metrics and plots
     (
         "runs",
+        "run_listing",
         "run_schema",
         "provenance",
         "tracking",

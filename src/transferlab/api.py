@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from transferlab.backbones import Backbone
 from transferlab.config import AUTO, FitConfig, config_from, with_options
 from transferlab.data.prepared import PreparedData, Split, prepare_data
 from transferlab.errors import TransferlabError
@@ -199,15 +198,7 @@ class Classifier(ClassifierViews):
     def extractor(self, *, engine: str = "auto", batch_size: int = 32, workers: int | None = None):
         """The body on its fastest runtime, with the feature cache of this body's identity."""
         if self._extractor is None:
-            body = self.saved.body
-            backbone = Backbone(
-                spec=body["spec"],
-                model=self.saved.net.body.eval(),
-                preprocess=self.saved.preprocess,
-                num_features=int(self.saved.head["in_features"]),
-                weights_hash=body["weights_hash"],
-                pretrained=not body.get("trained", False),
-            )
+            backbone = self.saved.backbone()
             cfg = dict(self.saved.config)
             # The training machine's cache folder is used when it is here too (a re-evaluation
             # then hits it); a model moved to another machine uses this machine's default.

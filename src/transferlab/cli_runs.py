@@ -35,7 +35,7 @@ def runs(
     format: str = typer.Option("table", help="table | csv | json"),
 ) -> None:
     """A table of the runs under ROOT: date, strategy, backbone, data, val/test accuracy, time."""
-    from transferlab.runs import run_rows
+    from transferlab.run_listing import run_rows
 
     if format not in ("table", "csv", "json"):
         raise TransferlabError(f"--format {format!r}: choose table, csv or json")

@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from transferlab.errors import TransferlabError
+from transferlab.storage import tensor_shapes
 
 __all__ = ["MAX_INPUT_SIDE", "validate_model_meta"]
 
@@ -94,6 +95,7 @@ class BodySchema(_Model):
     recipe: RecipeSchema
     weights_hash: StrictStr
     trained: bool = False
+    arch: StrictStr | None = None  # Backbone.arch: the feature cache's key without a build
 
 
 class ConfigSchema(_Model):
@@ -164,12 +166,9 @@ def validate_model_meta(meta: Any, meta_path: Path) -> dict[str, Any]:
 
 def check_head_shapes(head: Any, head_file: Path) -> None:
     """The tensors in ``head_file`` have the shapes the head spec builds (read from the header)."""
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(head_file), "pt") as f:
-            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-    except Exception:  # noqa: BLE001 - a corrupt file is reported by load_tensors later
+        stored = tensor_shapes(head_file)
+    except TransferlabError:  # a corrupt file is reported by load_tensors later
         return
     expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
     if stored != expected:

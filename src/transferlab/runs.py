@@ -16,6 +16,7 @@ features cached at training time are reused by ``evaluate``/``predict`` after lo
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shlex
@@ -26,6 +27,7 @@ from typing import Any
 
 from torch import nn
 
+from transferlab.backbones import Backbone
 from transferlab.config import FitConfig
 from transferlab.engine import BEST_CKPT, CHECKPOINT_DIR, HISTORY_CSV, LAST_CKPT
 from transferlab.errors import TransferlabError
@@ -40,6 +42,7 @@ from transferlab.storage import (
     load_tensors,
     read_json,
     save_tensors,
+    tensor_shapes,
     write_json,
 )
 from transferlab.system import library_versions
@@ -227,6 +230,21 @@ class SavedModel:
         """The head alone (a lazy network's body is not built for it)."""
         return self._net.head
 
+    def backbone(self) -> Backbone:
+        """The body as a :class:`Backbone`, the feature cache's key for it. Its network is
+        :attr:`net`'s body, built on first use: model.json records the arch, so a model whose
+        features are all cached never builds it."""
+        return Backbone(
+            spec=self.body["spec"],
+            model=None,
+            build=functools.partial(_net_body, self),  # picklable: extractors go to ranks
+            preprocess=self.preprocess,
+            num_features=int(self.head["in_features"]),
+            weights_hash=self.body["weights_hash"],
+            pretrained=not self.body.get("trained", False),
+            arch=self.body.get("arch"),
+        )
+
     def save(self, out: str | os.PathLike, *, seal: bool = True) -> Path:
         """Write model.json and the weights; ``seal``: then record every run file's digest
         (``Classifier.save`` seals once, after the records it adds)."""
@@ -256,14 +274,17 @@ class SavedModel:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SavedModel:
+        """The run at ``path``. The body is built (timm imported, the network constructed) on
+        first use of :attr:`net`: a report or an evaluation served by the feature cache never
+        needs it. Its weights file's header is checked now, so a damaged file fails here."""
         path = Path(path)
         meta = _read_meta(path)
-        body = build_body(meta["body"]["recipe"])
         head = build_head(meta["head"])
-        _load_weights(body, path / BODY_FILE, "body.recipe")
         _load_weights(head, path / HEAD_FILE, "head")
+        tensor_shapes(path / BODY_FILE)
+        body = functools.partial(load_body, meta["body"]["recipe"], path / BODY_FILE)
         return cls(
-            net=ClassifierNet(body, head).eval(),
+            net=LazyNet(body, head.eval(), path / BODY_FILE),
             classes=list(meta["classes"]),
             preprocess=Preprocess.from_dict(meta["preprocess"]),
             body=meta["body"],
@@ -273,6 +294,17 @@ class SavedModel:
             temperature=float(meta.get("temperature", 1.0)),
             versions=meta.get("versions", {}),
         )
+
+
+def _net_body(saved: SavedModel) -> nn.Module:
+    return saved.net.body
+
+
+def load_body(recipe: dict[str, Any], weights: Path) -> nn.Module:
+    """A saved body: built from its recipe, then given the weights of its file."""
+    body = build_body(recipe)
+    _load_weights(body, weights, "body.recipe")
+    return body.eval()
 
 
 def _load_weights(module: nn.Module, path: Path, described_by: str) -> None:
@@ -310,70 +342,3 @@ def _read_meta(path: Path) -> dict[str, Any]:
     validate_model_meta(meta, meta_path)
     check_head_shapes(build_head(meta["head"]), path / HEAD_FILE)
     return meta
-
-
-def run_rows(root: str | os.PathLike) -> list[dict[str, Any]]:
-    """One row per run folder under ``root`` (any depth): when, strategy, backbone, data,
-    val/test accuracy with its 95% CI, and training time; unreadable records leave blanks."""
-    rows = []
-    for run in _run_folders(Path(root)):
-        if (run / INCOMPLETE_FILE).is_file():
-            rows.append(_incomplete_row(run))
-            continue
-        meta_path = run / MODEL_FILE
-        try:
-            meta = read_json(meta_path) or {}
-            metrics = read_json(run / METRICS_FILE) or {}
-            data = read_json(run / DATA_FILE) or {}
-        except TransferlabError:
-            meta, metrics, data = {}, {}, {}
-        row: dict[str, Any] = {
-            "run": str(run),
-            "status": "complete",
-            "date": _iso(meta_path.stat().st_mtime),
-            "strategy": meta.get("strategy"),
-            "backbone": (meta.get("body") or {}).get("spec"),
-            "data": (data.get("index") or {}).get("root"),
-            "time_s": (metrics.get("timings") or {}).get("total_s"),
-        }
-        for split in ("val", "test"):
-            m = metrics.get(split) or {}
-            ci = m.get("accuracy_ci95") or [None, None]
-            row.update({f"{split}_acc": m.get("accuracy"), f"{split}_lo": ci[0],
-                        f"{split}_hi": ci[1]})  # fmt: skip
-        rows.append(row)
-    return rows
-
-
-def _incomplete_row(run: Path) -> dict[str, Any]:
-    """An interrupted run's row: where it is and the command that resumes it."""
-    try:
-        marker = read_json(run / INCOMPLETE_FILE) or {}
-    except TransferlabError:
-        marker = {}
-    return {
-        "run": str(run),
-        "status": "incomplete",
-        "date": _iso((run / INCOMPLETE_FILE).stat().st_mtime),
-        "data": marker.get("data"),
-        "resume": marker.get("resume"),
-    }
-
-
-def _run_folders(root: Path) -> list[Path]:
-    """Run folders (finished, or interrupted ones in OUT.partial) under root, not descending
-    into one (checkpoints/) nor into an MLflow store or hidden folder, whose artifact copies of
-    runs would be listed twice."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        if MODEL_FILE in filenames or INCOMPLETE_FILE in filenames:
-            found.append(Path(dirpath))
-            dirnames.clear()
-        dirnames[:] = [d for d in dirnames if d != "mlruns" and not d.startswith(".")]
-    return sorted(found)
-
-
-def _iso(timestamp: float) -> str:
-    from datetime import datetime
-
-    return datetime.fromtimestamp(timestamp).isoformat(timespec="seconds")

@@ -154,6 +154,21 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise TransferlabError(f"{path}: corrupt or truncated weights file ({e})") from e
 
 
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of a safetensors file's tensors, from its header (no tensor is read, but
+    a file cut short anywhere is detected: the header's offsets must end at the file's end); a
+    missing or corrupt file is a TransferlabError naming it."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise TransferlabError(f"{path}: missing; the model folder is incomplete")
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except Exception as e:  # safetensors raises its own error types for bad headers/lengths
+        raise TransferlabError(f"{path}: corrupt or truncated weights file ({e})") from e
+
+
 def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     """SHA-256 of named tensors (names, dtypes, shapes and raw bytes; any dtype, bf16 too)."""
     h = hashlib.sha256()

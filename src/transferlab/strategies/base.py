@@ -101,6 +101,7 @@ def body_record(backbone: Backbone, *, frozen: bool) -> dict[str, Any]:
     body: dict[str, Any] = {
         "spec": backbone.spec,
         "recipe": backbone.recipe or timm_body_recipe(backbone.spec, backbone.model),
+        "arch": backbone.arch,
     }
     if frozen:
         body.update(weights_hash=backbone.weights_hash, trained=False)
