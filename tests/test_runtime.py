@@ -91,6 +91,35 @@ def test_openvino_splits_large_batches_across_streams(tiny, tmp_path):
     np.testing.assert_allclose(bulk, singles, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize(
+    "engine",
+    [
+        "torch",
+        pytest.param(
+            "openvino",
+            marks=pytest.mark.skipif(not HAS_OPENVINO, reason="openvino not installed"),
+        ),
+    ],
+)
+def test_map_gives_each_batch_its_features_in_order(tiny, engine, tmp_path):
+    """OpenVINO's map runs whole batches on its streams concurrently: outputs still come in the
+    batches' order, a batch past max_batch is chunked and joined, an empty batch is empty, and
+    a consumer that stops early leaves the runtime usable."""
+    rt = make_runtime(tiny, engine=engine, export_dir=tmp_path, threads=2)
+    rt.max_batch = 4
+    sizes = [3, 1, 0, 9, 2, 5, 4]  # 9 and 5: two and three chunks
+    batches = [_images(n, seed=10 + i) for i, n in enumerate(sizes)]
+    outs = list(rt.map(iter(batches)))
+    assert [len(o) for o in outs] == sizes
+    for images, out in zip(batches, outs, strict=True):
+        np.testing.assert_allclose(out, rt(images), atol=1e-5, rtol=0)
+    first = next(rt.map(iter(batches)))  # abandoned with requests in flight
+    np.testing.assert_allclose(first, outs[0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(rt(batches[3]), outs[3], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="expects uint8"):
+        list(rt.map(iter([batches[0].astype(np.float32)])))
+
+
 def test_auto_prefers_openvino_then_onnxruntime(tiny, tmp_path):
     rt = make_runtime(tiny, export_dir=tmp_path)
     assert rt.engine == ("openvino" if HAS_OPENVINO else "onnxruntime")

@@ -7,6 +7,7 @@ batch (see ``data.loader.iter_decoded``), so the slower of the two sets the pace
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,23 +121,31 @@ class FeatureExtractor:
         t1 = time.perf_counter()
         if misses:
             miss_paths = [paths[i] for i in misses]
-            for batch in iter_decoded(
-                miss_paths,
-                self.backbone.preprocess,
-                batch_size=self.batch_size,
-                workers=self.workers,
-                max_pixels=self.max_pixels,
-            ):
-                for j, reason in batch.failures:
-                    failures.append((miss_paths[j], reason))
-                if len(batch.indices):
-                    feats = self.runtime(batch.images)
-                    rows = [misses[j] for j in batch.indices]
-                    features[rows] = feats
-                    ok[rows] = True
-                    self._remember({digests[r]: f for r, f in zip(rows, feats, strict=True)})
+            waiting: deque[list[int]] = deque()  # rows of the batches handed to the engine
+
+            def decoded() -> Iterator[np.ndarray]:
+                for batch in iter_decoded(
+                    miss_paths,
+                    self.backbone.preprocess,
+                    batch_size=self.batch_size,
+                    workers=self.workers,
+                    max_pixels=self.max_pixels,
+                ):
+                    failures.extend((miss_paths[j], reason) for j, reason in batch.failures)
+                    if on_progress and batch.failures:
+                        on_progress(len(batch.failures))
+                    if len(batch.indices):
+                        waiting.append([misses[j] for j in batch.indices])
+                        yield batch.images
+
+            # the engine may run a batch while the next is pulled (runtime.map): in order
+            for feats in self.runtime.map(decoded()):
+                rows = waiting.popleft()
+                features[rows] = feats
+                ok[rows] = True
+                self._remember({digests[r]: f for r, f in zip(rows, feats, strict=True)})
                 if on_progress:
-                    on_progress(len(batch.indices) + len(batch.failures))
+                    on_progress(len(rows))
         t2 = time.perf_counter()
         computed = len(misses) - len(failures)
         return Extracted(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -50,6 +50,10 @@ class FeatureRuntime(Protocol):
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """uint8 (n, 3, H, W) at preprocess.input_size -> float32 (n, num_features)."""
+        ...
+
+    def map(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """``self(batch)`` for each batch, in order, batches possibly overlapping."""
         ...
 
 

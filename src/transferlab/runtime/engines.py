@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,14 @@ class EngineRuntime:
         self.threads: int | None = None
         self.max_batch = _MAX_CHUNK
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
+    def map(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """The features of each batch, in order. An engine with several streams overrides it to
+        run batches concurrently, pulling the next one while the earlier ones run."""
+        for images in batches:
+            yield self(images)
+
+    def checked(self, images: np.ndarray) -> np.ndarray:
+        """``images`` as the contiguous uint8 ``(n, 3, H, W)`` array the engine takes."""
         images = np.asarray(images)
         h, w = self.input_size
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (3, h, w):
@@ -40,11 +48,15 @@ class EngineRuntime:
                 f"{self.engine} runtime expects uint8 images of shape (n, 3, {h}, {w}), "
                 f"got {images.dtype} {images.shape}"
             )
+        return np.ascontiguousarray(images)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        images = self.checked(images)
         n = images.shape[0]
         if n == 0:
             return np.zeros((0, self.num_features), dtype=np.float32)
         if n <= self.max_batch:
-            return self._run(np.ascontiguousarray(images))
+            return self._run(images)
         parts = [
             self._run(np.ascontiguousarray(images[i : i + self.max_batch]))
             for i in range(0, n, self.max_batch)

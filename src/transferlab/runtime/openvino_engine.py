@@ -6,7 +6,8 @@ import contextlib
 import ctypes
 import sys
 import threading
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,52 @@ class OpenVinoRuntime(EngineRuntime):
         self._compiled = (latency, bulk)
         self._lock = threading.Lock()  # one set of requests: serialize concurrent callers
         self.threads = threads
+
+    def map(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """Each batch whole on the next free stream (split into ``max_batch`` chunks), the next
+        one pulled while earlier ones run. Splitting every batch across the streams
+        (``__call__``) ends each batch at a barrier where the stream that finished first leaves
+        its core idle (13% of the wall time of 1,300 images end to end on 2 cores, the decode
+        workers waiting on full slots); here a stream that is done takes the next batch.
+        Holds the runtime for the whole iteration: other callers wait."""
+        if self.streams == 1:
+            yield from super().map(batches)
+            return
+        with self._lock:
+            free, running, parts = list(self._bulk), deque(), []
+
+            def finish_oldest() -> np.ndarray | None:
+                request, last = running.popleft()
+                request.wait()
+                parts.append(_output(request))
+                free.append(request)
+                if not last:
+                    return None
+                out = np.concatenate(parts)
+                parts.clear()
+                return out
+
+            try:
+                for images in batches:
+                    images = self.checked(images)
+                    starts = range(0, max(1, len(images)), self.max_batch)
+                    for start in starts:
+                        while not free or (len(images) == 0 and running):
+                            if (out := finish_oldest()) is not None:
+                                yield out
+                        if len(images) == 0:
+                            yield np.zeros((0, self.num_features), dtype=np.float32)
+                            continue
+                        request = free.pop()
+                        # start_async copies the input into the request: the caller may reuse it
+                        request.start_async({0: images[start : start + self.max_batch]})
+                        running.append((request, start == starts[-1]))
+                while running:
+                    if (out := finish_oldest()) is not None:
+                        yield out
+            finally:
+                for request, _ in running:  # a consumer that stopped early: let them end
+                    request.wait()
 
     def _run(self, images: np.ndarray) -> np.ndarray:
         with self._lock:
