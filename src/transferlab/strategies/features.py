@@ -41,7 +41,7 @@ def fit_head_on_features(ctx: StrategyContext) -> tuple[FittedHead, dict[str, np
     A head already fitted on the same features, labels and options comes from the cache
     (``heads.remember``) after streamed passes over the cached features, which are then never
     held in memory whole."""
-    recalled = _recalled_head(ctx)
+    recalled, digests = _recalled_head(ctx)
     if recalled is not None:
         return recalled
     cfg = ctx.config
@@ -59,7 +59,9 @@ def fit_head_on_features(ctx: StrategyContext) -> tuple[FittedHead, dict[str, np
     )
     ctx.timings["head_fit_s"] = time.perf_counter() - t0
     fitted.module.eval()
-    digests = {name: features_digest([feats[name]]) for name in ("train", "val") if name in feats}
+    for name in ("train", "val"):
+        if name in feats and name not in digests:  # not streamed by _recalled_head: a miss
+            digests[name] = features_digest([feats[name]])
     keep_head(ctx.pretrained()[1].cache.root, _head_key(ctx, digests), fitted)
     probs = {
         name: softmax(fitted.predict_logits(feats[name]))
@@ -85,25 +87,27 @@ class _Miss(Exception):
     """A feature is not in the cache: the head is fitted the ordinary way."""
 
 
-def _recalled_head(ctx: StrategyContext) -> tuple[FittedHead, dict[str, np.ndarray]] | None:
-    """The kept head for these features and its val/test probs; None when a training or
-    validation feature or the head is not in the cache."""
+def _recalled_head(
+    ctx: StrategyContext,
+) -> tuple[tuple[FittedHead, dict[str, np.ndarray]] | None, dict[str, str]]:
+    """The kept head for these features and its val/test probs, or None when a training or
+    validation feature or the head is not in the cache; and the feature digests it computed
+    (all of them, when only the head was missing)."""
     t0 = time.perf_counter()
     splits = dict(_splits(ctx))
     recorded = len(ctx.extract_stats)  # a miss takes back what the passes recorded
+    digests: dict[str, str] = {}
     try:
-        digests = {
-            name: features_digest(_streamed(ctx, splits[name], name))
-            for name in ("train", "val")
-            if name in splits
-        }
+        for name in ("train", "val"):
+            if name in splits:
+                digests[name] = features_digest(_streamed(ctx, splits[name], name))
     except _Miss:
         fitted = None
     else:
         fitted = recall_head(ctx.pretrained()[1].cache.root, _head_key(ctx, digests))
     if fitted is None:
         del ctx.extract_stats[recorded:]
-        return None
+        return None, digests
     probs = {}
     for name in ("val", "test"):
         if name in splits:
@@ -116,17 +120,18 @@ def _recalled_head(ctx: StrategyContext) -> tuple[FittedHead, dict[str, np.ndarr
                 )
     ctx.timings["head_fit_s"] = 0.0
     ctx.timings["head_recalled_s"] = time.perf_counter() - t0
-    return fitted, probs
+    return (fitted, probs), digests
 
 
 def _streamed(
     ctx: StrategyContext, split: Split, name: str, *, stats: bool = True
 ) -> Iterator[np.ndarray]:
-    """``split``'s cached features a chunk at a time, with progress and (``stats``) the
-    extraction record ``split_features`` makes; raises _Miss at the first uncached image."""
+    """``split``'s cached features a chunk at a time; with ``stats``, the progress and the
+    extraction record ``split_features`` makes (a second pass shows neither); raises _Miss at
+    the first uncached image."""
     _, ex = ctx.pretrained()
     t0 = time.perf_counter()
-    with progress(len(split), f"features [{name}]") as advance:
+    with progress(len(split) if stats else 0, f"features [{name}]") as advance:
         for chunk in ex.cached_chunks(split.digests):
             if chunk is None:
                 raise _Miss
