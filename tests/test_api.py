@@ -87,6 +87,44 @@ def test_fit_features_evaluates_saves_and_loads(split_data, tmp_path):
         assert torch.equal(loaded.net.body(x), clf.net.body.eval()(x))
 
 
+def test_a_body_file_replaced_after_load_is_refused_at_first_use(split_data, tmp_path):
+    """A loaded run builds its body when first used: from the file it loaded, or not at all."""
+    out = tmp_path / "run"
+    _fit(split_data, tmp_path, out=out)
+    loaded = transferlab.load(out)
+    body = out / "body.safetensors"
+    data = body.read_bytes()
+    body.unlink()
+    body.write_bytes(data)  # the same bytes in a new file (a re-fit with --overwrite)
+    with pytest.raises(TransferlabError, match="changed or removed since the run was loaded"):
+        loaded.net  # noqa: B018
+    assert isinstance(transferlab.load(out).net, torch.nn.Module)
+
+
+def test_features_past_the_ram_limit_are_memory_mapped_same_results(
+    split_data, tmp_path, monkeypatch
+):
+    import transferlab.extract as extract
+
+    a = _fit(split_data, tmp_path, out=tmp_path / "a", cache_dir=str(tmp_path / "c1"))
+    monkeypatch.setattr(extract, "IN_RAM_MAX_BYTES", 0)
+    made = []
+    real = extract.FeatureExtractor._matrix
+    monkeypatch.setattr(
+        extract.FeatureExtractor,
+        "_matrix",
+        lambda self, n, d: made.append(real(self, n, d)) or made[-1],
+    )
+    b = _fit(split_data, tmp_path, out=tmp_path / "b", cache_dir=str(tmp_path / "c2"))
+    assert made and all(isinstance(m, np.memmap) for m in made)
+    assert (tmp_path / "a" / "head.safetensors").read_bytes() == (
+        tmp_path / "b" / "head.safetensors"
+    ).read_bytes()
+    assert a.metrics["test"] == b.metrics["test"]
+    # the mapped files were unlinked at once: nothing is left beside the cache's own folders
+    assert not [p for p in (tmp_path / "c2").iterdir() if p.name.startswith("features-")]
+
+
 def test_refit_hits_the_feature_cache(split_data, tmp_path):
     first = _fit(split_data, tmp_path)
     second = _fit(split_data, tmp_path, head="mlp")

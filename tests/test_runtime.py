@@ -120,6 +120,24 @@ def test_map_gives_each_batch_its_features_in_order(tiny, engine, tmp_path):
         list(rt.map(iter([batches[0].astype(np.float32)])))
 
 
+def test_a_body_that_cannot_be_built_fails_as_itself_and_keeps_the_export(tiny, tmp_path):
+    """The network is built before any engine: its error is the user's message, not three
+    engine fallbacks that would also delete the (valid) cached export of its identity."""
+    export = tmp_path / f"{tiny.identity_hash()}.onnx"
+    export.write_bytes(b"a valid export, as far as this test knows")
+
+    def broken() -> torch.nn.Module:
+        raise TransferlabError("run/body.safetensors: weights do not fit the network")
+
+    lazy = tiny.replace(model=None, build=broken, arch=tiny.arch)
+    assert lazy.identity_hash() == tiny.identity_hash()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EngineFallbackWarning)
+        with pytest.raises(TransferlabError, match="weights do not fit"):
+            make_runtime(lazy, export_dir=tmp_path)
+    assert export.is_file()
+
+
 def test_auto_prefers_openvino_then_onnxruntime(tiny, tmp_path):
     rt = make_runtime(tiny, export_dir=tmp_path)
     assert rt.engine == ("openvino" if HAS_OPENVINO else "onnxruntime")

@@ -6,10 +6,12 @@ batch (see ``data.loader.iter_decoded``), so the slower of the two sets the pace
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -20,6 +22,9 @@ from transferlab.data.images import MAX_PIXELS
 from transferlab.data.loader import iter_decoded
 from transferlab.progress import warn
 from transferlab.runtime import FeatureRuntime, make_runtime
+
+# Feature matrices larger than this are memory-mapped (FeatureExtractor._matrix).
+IN_RAM_MAX_BYTES = 1 << 30
 
 
 @dataclass
@@ -103,6 +108,17 @@ class FeatureExtractor:
             out = np.empty((len(part), dim), dtype=np.float32)
             yield out if self.store.read_into(part, out).all() else None
 
+    def _matrix(self, n: int, dim: int) -> np.ndarray:
+        """A zeroed float32 ``(n, dim)`` matrix: in RAM up to :data:`IN_RAM_MAX_BYTES`, past it
+        memory-mapped from an unlinked temporary file in the cache folder, whose pages the
+        kernel may write out and evict: a million images' features (4.8 GiB at 1,280-d) need
+        not fit in RAM (the head's mini-batch solver and the evaluation read them in chunks)."""
+        if n * dim * 4 <= IN_RAM_MAX_BYTES:
+            return np.zeros((n, dim), dtype=np.float32)
+        self.cache.root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=self.cache.root, prefix="features-") as fh:
+            return np.memmap(fh, dtype=np.float32, mode="w+", shape=(n, dim))  # keeps its map
+
     def __call__(
         self,
         paths: Sequence[str],
@@ -111,8 +127,8 @@ class FeatureExtractor:
         on_progress: Callable[[int], None] | None = None,
     ) -> Extracted:
         t0 = time.perf_counter()
-        n, dim = len(paths), self.backbone.num_features
-        features = np.zeros((n, dim), dtype=np.float32)
+        n = len(paths)
+        features = self._matrix(n, self.backbone.num_features)
         ok = self.store.read_into(digests, features)  # rows streamed in; no second copy
         misses: list[int] = np.flatnonzero(~ok).tolist()
         if on_progress and n - len(misses):
@@ -138,8 +154,13 @@ class FeatureExtractor:
                         waiting.append([misses[j] for j in batch.indices])
                         yield batch.images
 
-            # the engine may run a batch while the next is pulled (runtime.map): in order
-            for feats in self.runtime.map(decoded()):
+            # The engine is built once a batch is decoded (the workers decode on meanwhile;
+            # none is built when every image fails) and may run a batch while the next is
+            # pulled (runtime.map): in order.
+            batches = decoded()
+            first = next(batches, None)
+            todo = self.runtime.map(chain([first], batches)) if first is not None else ()
+            for feats in todo:
                 rows = waiting.popleft()
                 features[rows] = feats
                 ok[rows] = True

@@ -233,16 +233,20 @@ class SavedModel:
     def backbone(self) -> Backbone:
         """The body as a :class:`Backbone`, the feature cache's key for it. Its network is
         :attr:`net`'s body, built on first use: model.json records the arch, so a model whose
-        features are all cached never builds it."""
+        features are all cached never builds it (a run saved before the arch was recorded
+        builds it to compute the arch)."""
+        lazy = isinstance(self._net, LazyNet)
         return Backbone(
             spec=self.body["spec"],
             model=None,
-            build=functools.partial(_net_body, self),  # picklable: extractors go to ranks
+            build=functools.partial(_net_body, self),  # a partial, not a lambda: picklable
             preprocess=self.preprocess,
             num_features=int(self.head["in_features"]),
             weights_hash=self.body["weights_hash"],
             pretrained=not self.body.get("trained", False),
             arch=self.body.get("arch"),
+            recipe=self.body.get("recipe"),
+            body_file=self._net.body_file if lazy else None,
         )
 
     def save(self, out: str | os.PathLike, *, seal: bool = True) -> Path:
@@ -276,15 +280,18 @@ class SavedModel:
     def load(cls, path: str | os.PathLike) -> SavedModel:
         """The run at ``path``. The body is built (timm imported, the network constructed) on
         first use of :attr:`net`: a report or an evaluation served by the feature cache never
-        needs it. Its weights file's header is checked now, so a damaged file fails here."""
+        needs it. Its weights file's header and length are checked now (a truncated or foreign
+        file fails here); weights that do not fit the recipe fail at the build, and so does a
+        file replaced since the load (an --overwrite re-fit of the folder)."""
         path = Path(path)
         meta = _read_meta(path)
         head = build_head(meta["head"])
         _load_weights(head, path / HEAD_FILE, "head")
-        tensor_shapes(path / BODY_FILE)
-        body = functools.partial(load_body, meta["body"]["recipe"], path / BODY_FILE)
+        body_file = (path / BODY_FILE).resolve()  # a later chdir must not change the file
+        tensor_shapes(body_file)
+        body = functools.partial(load_body, meta["body"]["recipe"], body_file, _file_id(body_file))
         return cls(
-            net=LazyNet(body, head.eval(), path / BODY_FILE),
+            net=LazyNet(body, head.eval(), body_file),
             classes=list(meta["classes"]),
             preprocess=Preprocess.from_dict(meta["preprocess"]),
             body=meta["body"],
@@ -300,11 +307,26 @@ def _net_body(saved: SavedModel) -> nn.Module:
     return saved.net.body
 
 
-def load_body(recipe: dict[str, Any], weights: Path) -> nn.Module:
-    """A saved body: built from its recipe, then given the weights of its file."""
+def load_body(recipe: dict[str, Any], weights: Path, file_id: tuple[int, ...]) -> nn.Module:
+    """A saved body: built from its recipe, then given the weights of its file, which must be
+    the file that was loaded (``file_id``: its size, mtime and inode then)."""
+    try:
+        same = _file_id(weights) == file_id
+    except OSError:
+        same = False
+    if not same:
+        raise TransferlabError(
+            f"{weights}: changed or removed since the run was loaded (re-fitted with "
+            "--overwrite?); load the run again"
+        )
     body = build_body(recipe)
     _load_weights(body, weights, "body.recipe")
     return body.eval()
+
+
+def _file_id(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns, st.st_ino
 
 
 def _load_weights(module: nn.Module, path: Path, described_by: str) -> None:

@@ -154,6 +154,36 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise TransferlabError(f"{path}: corrupt or truncated weights file ({e})") from e
 
 
+def keep_with_tensors(
+    meta_path: Path, meta: dict[str, Any], tensors: Mapping[str, torch.Tensor]
+) -> None:
+    """A cache entry: ``tensors`` in ``meta_path``'s ``.safetensors`` sibling, then ``meta``
+    (JSON, plus the tensor file's size) in ``meta_path``, whose presence marks it complete.
+    Best effort: a cache that cannot be written only costs recomputing the entry."""
+    tensors_path = meta_path.with_suffix(".safetensors")
+    with contextlib.suppress(OSError, TransferlabError):
+        meta_path.parent.mkdir(parents=True, exist_ok=True)
+        save_tensors(tensors, tensors_path)
+        size = tensors_path.stat().st_size
+        atomic_write_text(
+            meta_path, json.dumps({**meta, "tensor_bytes": size}, default=_json_default)
+        )
+
+
+def read_with_tensors(meta_path: Path) -> tuple[dict[str, Any], Path] | None:
+    """A :func:`keep_with_tensors` entry's meta and its tensor file, or None when it is absent,
+    unreadable or its tensor file is not the size it was written with (tensors not read)."""
+    tensors_path = meta_path.with_suffix(".safetensors")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        size = tensors_path.stat().st_size
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("tensor_bytes") != size:
+        return None
+    return meta, tensors_path
+
+
 def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Names and shapes of a safetensors file's tensors, from its header (no tensor is read, but
     a file cut short anywhere is detected: the header's offsets must end at the file's end); a

@@ -17,10 +17,8 @@ files through timm; random weights exist only once built).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
-import json
 import os
 from collections.abc import Callable
 from importlib.metadata import version
@@ -31,14 +29,13 @@ from torch import nn
 
 from transferlab.backbones.identity import Backbone
 from transferlab.cache import default_cache_dir
-from transferlab.errors import TransferlabError
 from transferlab.preprocess import Preprocess
-from transferlab.storage import atomic_write_text, code_digest, save_tensors
+from transferlab.storage import code_digest, keep_with_tensors, read_with_tensors
 
 __all__ = ["CARDS", "card_backbone", "card_key", "read_card", "write_card"]
 
 CARDS = "backbones"  # the cards' folder in the cache
-_FORMAT = 1
+_FORMAT = 2  # 2: the shared keep_with_tensors layout (tensor_bytes)
 
 
 def card_key(folder: Path, weights_file: Path) -> str | None:
@@ -68,22 +65,15 @@ def _code_digest() -> str:
     return code_digest(here / "create.py", here / "identity.py", here.parent / "preprocess.py")
 
 
-def _paths(key: str, cache_dir: str | os.PathLike[str] | None) -> tuple[Path, Path]:
-    base = (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) / CARDS
-    return base / f"{key}.json", base / f"{key}.safetensors"
+def _meta_path(key: str, cache_dir: str | os.PathLike[str] | None) -> Path:
+    base = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    return base / CARDS / f"{key}.json"
 
 
 def read_card(key: str, cache_dir: str | os.PathLike[str] | None) -> dict[str, Any] | None:
     """The card stored under ``key`` with its body file's path, or None (absent, damaged)."""
-    meta, body = _paths(key, cache_dir)
-    try:
-        card = json.loads(meta.read_text(encoding="utf-8"))
-        size = body.stat().st_size
-    except (OSError, ValueError):
-        return None
-    if not isinstance(card, dict) or card.get("body_bytes") != size:
-        return None
-    return {**card, "body_file": body}
+    kept = read_with_tensors(_meta_path(key, cache_dir))
+    return None if kept is None else {**kept[0], "body_file": kept[1]}
 
 
 def write_card(
@@ -95,20 +85,15 @@ def write_card(
     """Remember a freshly built ``backbone`` (and the ``recipe`` that rebuilds it) under
     ``key`` (best effort: a cache that cannot be written only means the next run builds the
     network again)."""
-    meta, body = _paths(key, cache_dir)
-    with contextlib.suppress(OSError, TransferlabError):
-        body.parent.mkdir(parents=True, exist_ok=True)
-        save_tensors(backbone.model.state_dict(), body)
-        card = {
-            "spec": backbone.spec,
-            "preprocess": backbone.preprocess.to_dict(),
-            "num_features": backbone.num_features,
-            "weights_hash": backbone.weights_hash,
-            "arch": backbone.arch,
-            "recipe": recipe,
-            "body_bytes": body.stat().st_size,
-        }
-        atomic_write_text(meta, json.dumps(card, indent=2))
+    card = {
+        "spec": backbone.spec,
+        "preprocess": backbone.preprocess.to_dict(),
+        "num_features": backbone.num_features,
+        "weights_hash": backbone.weights_hash,
+        "arch": backbone.arch,
+        "recipe": recipe,
+    }
+    keep_with_tensors(_meta_path(key, cache_dir), card, backbone.model.state_dict())
 
 
 def card_backbone(card: dict[str, Any], build: Callable[[], nn.Module]) -> Backbone:

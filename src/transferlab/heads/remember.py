@@ -14,10 +14,9 @@ state dict); ``transferlab cache prune`` trims them with the rest of the cache.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
-import json
+import platform
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -25,9 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from transferlab.errors import TransferlabError
 from transferlab.heads.base import FittedHead, build_head
-from transferlab.storage import code_digest, load_tensors, save_tensors, write_json
+from transferlab.storage import code_digest, keep_with_tensors, load_tensors, read_with_tensors
 
 __all__ = ["HEADS_DIR", "features_digest", "head_key", "keep_head", "recall_head"]
 
@@ -45,8 +43,12 @@ def features_digest(chunks: Iterable[np.ndarray]) -> str:
 
 
 def head_key(*parts: Any) -> str:
-    """The key of a head fitted from ``parts`` (feature digests, label bytes, fit arguments)."""
-    h = hashlib.sha256(repr((_FORMAT, _code_digest(), torch.__version__, np.__version__)).encode())
+    """The key of a head fitted from ``parts`` (feature digests, label bytes, fit arguments).
+    The CPU's instruction set is part of it: a cache shared by machines whose float kernels
+    differ (AVX2, AVX-512) keeps one head per kind of machine."""
+    machine = (platform.machine(), torch.backends.cpu.get_cpu_capability())
+    env = (_FORMAT, _code_digest(), torch.__version__, np.__version__, machine)
+    h = hashlib.sha256(repr(env).encode())
     for part in parts:
         h.update(part if isinstance(part, bytes) else repr(part).encode())
         h.update(b"\0")
@@ -59,29 +61,26 @@ def _code_digest() -> str:
     return code_digest(*sorted(here.glob("*.py")), here.parent / "training.py")
 
 
-def _paths(cache_root: Path, key: str) -> tuple[Path, Path]:
-    return cache_root / HEADS_DIR / f"{key}.json", cache_root / HEADS_DIR / f"{key}.safetensors"
+def _meta_path(cache_root: Path, key: str) -> Path:
+    return cache_root / HEADS_DIR / f"{key}.json"
 
 
 def recall_head(cache_root: Path, key: str) -> FittedHead | None:
     """The head kept under ``key``, or None (absent or damaged)."""
-    meta, weights = _paths(cache_root, key)
+    kept = read_with_tensors(_meta_path(cache_root, key))
+    if kept is None or kept[0].get("format") != _FORMAT:
+        return None
+    meta, weights = kept
     try:
-        kept = json.loads(meta.read_text(encoding="utf-8"))
-        if kept.get("format") != _FORMAT:
-            return None
-        module = build_head(kept["spec"])
+        module = build_head(meta["spec"])
         module.load_state_dict(load_tensors(weights))
-    except Exception:  # noqa: BLE001 - any damage (truncated JSON or weights, a wrong shape) is a miss
+    except Exception:  # noqa: BLE001 - any damage (a bad spec, weights, a wrong shape) is a miss
         return None
     module.eval()
-    return FittedHead(module=module, spec=kept["spec"], history=kept["history"])
+    return FittedHead(module=module, spec=meta["spec"], history=meta["history"])
 
 
 def keep_head(cache_root: Path, key: str, fitted: FittedHead) -> None:
     """Keep ``fitted`` under ``key``; a cache that cannot be written only costs the next fit."""
-    meta, weights = _paths(cache_root, key)
-    with contextlib.suppress(OSError, TransferlabError):
-        meta.parent.mkdir(parents=True, exist_ok=True)
-        save_tensors(fitted.module.state_dict(), weights)  # weights first: the JSON marks it done
-        write_json(meta, {"format": _FORMAT, "spec": fitted.spec, "history": fitted.history})
+    meta = {"format": _FORMAT, "spec": fitted.spec, "history": fitted.history}
+    keep_with_tensors(_meta_path(cache_root, key), meta, fitted.module.state_dict())

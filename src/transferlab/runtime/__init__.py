@@ -76,6 +76,10 @@ def make_runtime(
     if engine not in ENGINES:
         raise TransferlabError(f"--engine {engine!r} is not one of: {', '.join(ENGINES)}")
     onnx_path = Path(export_dir or FeatureCache().exports_dir) / f"{backbone.identity_hash()}.onnx"
+    # Every engine is checked against the network, so build it now: a body that cannot be built
+    # (a run's damaged weights) fails with its own message, not as engine fallbacks that
+    # would also delete a valid cached export.
+    backbone.model  # noqa: B018
     selection = _Selection(backbone, onnx_path, threads or available_cpus(), log)
     chain = _engine_chain(engine)
     for i, name in enumerate(chain):

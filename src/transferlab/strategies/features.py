@@ -7,11 +7,14 @@ L2 strength costs nothing.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator
 
 import numpy as np
+from torch import nn
 
+from transferlab.backbones import Backbone
 from transferlab.data.prepared import Split
 from transferlab.errors import TransferlabError
 from transferlab.heads import FittedHead, fit_head
@@ -100,7 +103,9 @@ def _recalled_head(
     try:
         for name in ("train", "val"):
             if name in splits:
-                digests[name] = features_digest(_streamed(ctx, splits[name], name))
+                # val's progress line and record come from its second pass, below
+                streamed = _streamed(ctx, splits[name], name, stats=name == "train")
+                digests[name] = features_digest(streamed)
     except _Miss:
         fitted = None
     else:
@@ -112,9 +117,9 @@ def _recalled_head(
     for name in ("val", "test"):
         if name in splits:
             try:
-                chunks = _streamed(ctx, splits[name], name, stats=name == "test")
+                chunks = _streamed(ctx, splits[name], name)
                 probs[name] = softmax(np.concatenate([fitted.predict_logits(c) for c in chunks]))
-            except _Miss:  # a test image the cache lacks (added since): computed as usual
+            except _Miss:  # an image the cache lacks (a test image added since): as usual
                 probs[name] = softmax(
                     fitted.predict_logits(split_features(ctx, splits[name], name))
                 )
@@ -153,7 +158,7 @@ def run(ctx: StrategyContext) -> StrategyResult:
     if backbone.built or backbone.body_file is None:
         net = ClassifierNet(backbone.model, fitted.module).eval()
     else:  # every feature came from the cache: the body is built only if something runs it
-        net = LazyNet(lambda: backbone.model, fitted.module, backbone.body_file)
+        net = LazyNet(functools.partial(_model, backbone), fitted.module, backbone.body_file)
     return StrategyResult(
         net=net,
         preprocess=backbone.preprocess,
@@ -163,3 +168,7 @@ def run(ctx: StrategyContext) -> StrategyResult:
         probs=probs,
         info={"trainable_params": sum(p.numel() for p in fitted.module.parameters())},
     )
+
+
+def _model(backbone: Backbone) -> nn.Module:
+    return backbone.model  # a function, not a lambda: a fitted model pickles (spawned ranks)
