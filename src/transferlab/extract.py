@@ -119,6 +119,52 @@ class FeatureExtractor:
         with tempfile.TemporaryFile(dir=self.cache.root, prefix="features-") as fh:
             return np.memmap(fh, dtype=np.float32, mode="w+", shape=(n, dim))  # keeps its map
 
+    def _compute(
+        self,
+        misses: list[int],
+        paths: Sequence[str],
+        digests: Sequence[str],
+        features: np.ndarray,
+        ok: np.ndarray,
+        on_progress: Callable[[int], None] | None,
+    ) -> list[tuple[str, str]]:
+        """Decode ‖ run the engine on rows ``misses``, filling ``features``/``ok`` and the cache;
+        the (path, reason) of the images that failed to decode."""
+        failures: list[tuple[str, str]] = []
+        if not misses:
+            return failures
+        miss_paths = [paths[i] for i in misses]
+        waiting: deque[list[int]] = deque()  # rows of the batches handed to the engine
+
+        def decoded() -> Iterator[np.ndarray]:
+            for batch in iter_decoded(
+                miss_paths,
+                self.backbone.preprocess,
+                batch_size=self.batch_size,
+                workers=self.workers,
+                max_pixels=self.max_pixels,
+            ):
+                failures.extend((miss_paths[j], reason) for j, reason in batch.failures)
+                if on_progress and batch.failures:
+                    on_progress(len(batch.failures))
+                if len(batch.indices):
+                    waiting.append([misses[j] for j in batch.indices])
+                    yield batch.images
+
+        # The engine is built once a batch is decoded (the workers decode on meanwhile; none is
+        # built when every image fails) and may run a batch while the next is pulled
+        # (runtime.map): in order.
+        batches = decoded()
+        first = next(batches, None)
+        for feats in self.runtime.map(chain([first], batches)) if first is not None else ():
+            rows = waiting.popleft()
+            features[rows] = feats
+            ok[rows] = True
+            self._remember({digests[r]: f for r, f in zip(rows, feats, strict=True)})
+            if on_progress:
+                on_progress(len(rows))
+        return failures
+
     def __call__(
         self,
         paths: Sequence[str],
@@ -133,40 +179,8 @@ class FeatureExtractor:
         misses: list[int] = np.flatnonzero(~ok).tolist()
         if on_progress and n - len(misses):
             on_progress(n - len(misses))
-        failures: list[tuple[str, str]] = []
         t1 = time.perf_counter()
-        if misses:
-            miss_paths = [paths[i] for i in misses]
-            waiting: deque[list[int]] = deque()  # rows of the batches handed to the engine
-
-            def decoded() -> Iterator[np.ndarray]:
-                for batch in iter_decoded(
-                    miss_paths,
-                    self.backbone.preprocess,
-                    batch_size=self.batch_size,
-                    workers=self.workers,
-                    max_pixels=self.max_pixels,
-                ):
-                    failures.extend((miss_paths[j], reason) for j, reason in batch.failures)
-                    if on_progress and batch.failures:
-                        on_progress(len(batch.failures))
-                    if len(batch.indices):
-                        waiting.append([misses[j] for j in batch.indices])
-                        yield batch.images
-
-            # The engine is built once a batch is decoded (the workers decode on meanwhile;
-            # none is built when every image fails) and may run a batch while the next is
-            # pulled (runtime.map): in order.
-            batches = decoded()
-            first = next(batches, None)
-            todo = self.runtime.map(chain([first], batches)) if first is not None else ()
-            for feats in todo:
-                rows = waiting.popleft()
-                features[rows] = feats
-                ok[rows] = True
-                self._remember({digests[r]: f for r, f in zip(rows, feats, strict=True)})
-                if on_progress:
-                    on_progress(len(rows))
+        failures = self._compute(misses, paths, digests, features, ok, on_progress)
         t2 = time.perf_counter()
         computed = len(misses) - len(failures)
         return Extracted(
