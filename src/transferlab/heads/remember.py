@@ -5,8 +5,8 @@ the same features, labels and options is the same bytes every time: at 20k image
 is 3.7 s of a warm re-fit's 7 s. The key covers everything the head's bytes come from: the
 training and validation features (a digest of their float32 bytes, not of the images they came
 from, so features recomputed on another engine are another key), the labels, the fit's
-arguments, the code of this package and the torch and numpy versions. A damaged entry is a
-miss, and a miss only costs the fit.
+arguments, the code of this package, the torch and numpy versions and the CPU's kind. A damaged
+entry is a miss, and a miss only costs the fit.
 
 Layout: ``<cache>/heads/<key>.json`` (spec + history) and ``<key>.safetensors`` (the module's
 state dict); ``transferlab cache prune`` trims them with the rest of the cache.
