@@ -123,6 +123,17 @@ def test_features_past_the_ram_limit_are_memory_mapped_same_results(
     assert a.metrics["test"] == b.metrics["test"]
     # the mapped files were unlinked at once: nothing is left beside the cache's own folders
     assert not [p for p in (tmp_path / "c2").iterdir() if p.name.startswith("features-")]
+    # no room on any disk for the file: the matrix is in RAM after all, the fit the same
+    import os
+
+    def full(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    made.clear()
+    c = _fit(split_data, tmp_path, out=tmp_path / "c", cache_dir=str(tmp_path / "c3"))
+    assert made and not any(isinstance(m, np.memmap) for m in made)
+    assert c.metrics["test"] == a.metrics["test"]
 
 
 def test_refit_hits_the_feature_cache(split_data, tmp_path):

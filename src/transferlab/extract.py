@@ -6,6 +6,7 @@ batch (see ``data.loader.iter_decoded``), so the slower of the two sets the pace
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from collections import deque
@@ -112,12 +113,23 @@ class FeatureExtractor:
         """A zeroed float32 ``(n, dim)`` matrix: in RAM up to :data:`IN_RAM_MAX_BYTES`, past it
         memory-mapped from an unlinked temporary file in the cache folder, whose pages the
         kernel may write out and evict: a million images' features (4.8 GiB at 1,280-d) need
-        not fit in RAM (the head's mini-batch solver and the evaluation read them in chunks)."""
-        if n * dim * 4 <= IN_RAM_MAX_BYTES:
-            return np.zeros((n, dim), dtype=np.float32)
-        self.cache.root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=self.cache.root, prefix="features-") as fh:
-            return np.memmap(fh, dtype=np.float32, mode="w+", shape=(n, dim))  # keeps its map
+        not fit in RAM (the head's mini-batch solver and the evaluation read them in chunks).
+        Where no folder has room for the file (or none can be written), in RAM after all."""
+        size = n * dim * 4
+        if size > IN_RAM_MAX_BYTES:
+            for folder in (self.cache.root, None):  # then the system's temporary folder
+                try:
+                    if folder is not None:
+                        folder.mkdir(parents=True, exist_ok=True)
+                    with tempfile.TemporaryFile(dir=folder, prefix="features-") as fh:
+                        # Reserve the blocks now: writing a page of a sparse file on a full
+                        # disk would kill the process with SIGBUS; this fails with ENOSPC.
+                        if hasattr(os, "posix_fallocate"):
+                            os.posix_fallocate(fh.fileno(), 0, size)
+                        return np.memmap(fh, dtype=np.float32, mode="w+", shape=(n, dim))
+                except OSError:
+                    continue
+        return np.zeros((n, dim), dtype=np.float32)
 
     def _compute(
         self,
