@@ -11,7 +11,8 @@ A saved model is a folder of plain files, loadable without executing code:
 
 The body's *identity* (spec + weights hash + preprocessing; see ``Backbone.identity``) is
 recorded: an untouched pretrained body keeps the identity of the weights it came from, so
-features cached at training time are reused by ``evaluate``/``predict`` after loading.
+features cached at training time are reused by ``evaluate`` and ``report`` after loading (which
+then never build the network), and its exported graph by ``predict``.
 """
 
 from __future__ import annotations
