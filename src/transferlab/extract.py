@@ -28,6 +28,28 @@ from transferlab.runtime import FeatureRuntime, make_runtime
 IN_RAM_MAX_BYTES = 1 << 30
 
 
+def extraction_stats(
+    images: int,
+    misses: int,
+    failed: int,
+    cache_read_s: float,
+    extract_s: float = 0.0,
+    engine: str = "cache",
+) -> dict[str, Any]:
+    """The record of one extraction pass (``Extracted.stats``, metrics.json's "extraction")."""
+    computed = misses - failed
+    return {
+        "images": images,
+        "cache_hits": images - misses,
+        "computed": computed,
+        "failed": failed,
+        "cache_read_s": cache_read_s,
+        "extract_s": extract_s,
+        "images_per_s": computed / extract_s if computed and extract_s > 0 else 0.0,
+        "engine": engine,
+    }
+
+
 @dataclass
 class Extracted:
     """Features in input order; rows of failed images are zero and ``ok`` is False there."""
@@ -194,19 +216,6 @@ class FeatureExtractor:
         t1 = time.perf_counter()
         failures = self._compute(misses, paths, digests, features, ok, on_progress)
         t2 = time.perf_counter()
-        computed = len(misses) - len(failures)
-        return Extracted(
-            features=features,
-            ok=ok,
-            failures=failures,
-            stats={
-                "images": n,
-                "cache_hits": n - len(misses),
-                "computed": computed,
-                "failed": len(failures),
-                "cache_read_s": t1 - t0,
-                "extract_s": t2 - t1,
-                "images_per_s": computed / (t2 - t1) if computed and t2 > t1 else 0.0,
-                "engine": self._runtime.engine if self._runtime else "cache",
-            },
-        )
+        engine = self._runtime.engine if self._runtime else "cache"
+        stats = extraction_stats(n, len(misses), len(failures), t1 - t0, t2 - t1, engine)
+        return Extracted(features=features, ok=ok, failures=failures, stats=stats)

@@ -75,6 +75,37 @@ def code_digest(*files: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
+def value_digest(*values: Any) -> str:
+    """SHA-256 (hex) of nested values by content: arrays by dtype, shape and bytes, bytes as
+    they are, mappings by sorted key, sequences in order, anything else by its exact repr (floats
+    included). The one way a cache key (report figures, kept heads, backbone cards) is made."""
+    h = hashlib.sha256()
+    _feed(h, values)
+    return h.hexdigest()
+
+
+def _feed(h: Any, value: Any) -> None:
+    if isinstance(value, np.ndarray):
+        h.update(f"nd{value.dtype.str}{value.shape}".encode())
+        h.update(np.ascontiguousarray(value).tobytes())
+    elif isinstance(value, bytes):
+        h.update(f"b{len(value)}:".encode())
+        h.update(value)
+    elif isinstance(value, Mapping):
+        h.update(b"{")
+        for k in sorted(value, key=str):
+            _feed(h, k)
+            _feed(h, value[k])
+        h.update(b"}")
+    elif isinstance(value, (list, tuple)):
+        h.update(b"[")
+        for v in value:
+            _feed(h, v)
+        h.update(b"]")
+    else:
+        h.update(f"{type(value).__name__}:{value!r}\0".encode())
+
+
 def atomic_copy(source: Path, path: Path) -> None:
     """Copy a file via a temporary file and a rename (failures as in atomic_write_bytes)."""
     tmp = _tmp_sibling(path)

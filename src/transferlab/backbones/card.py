@@ -18,7 +18,6 @@ files through timm; random weights exist only once built).
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 from collections.abc import Callable
 from importlib.metadata import version
@@ -30,7 +29,7 @@ from torch import nn
 from transferlab.backbones.identity import Backbone
 from transferlab.cache import default_cache_dir
 from transferlab.preprocess import Preprocess
-from transferlab.storage import code_digest, keep_with_tensors, read_with_tensors
+from transferlab.storage import code_digest, keep_with_tensors, read_with_tensors, value_digest
 
 __all__ = ["CARDS", "card_backbone", "card_key", "read_card", "write_card"]
 
@@ -48,13 +47,10 @@ def card_key(folder: Path, weights_file: Path) -> str | None:
         st = weights_file.stat()
     except OSError:
         return None
-    h = hashlib.sha256(config)
-    parts = (
-        _FORMAT, str(folder), str(weights_file), st.st_size, st.st_mtime_ns, st.st_ino,
+    return value_digest(
+        config, _FORMAT, str(folder), str(weights_file), st.st_size, st.st_mtime_ns, st.st_ino,
         version("timm"), version("torch"), transferlab.__version__, _code_digest(),
-    )  # fmt: skip
-    h.update(repr(parts).encode())
-    return h.hexdigest()[:32]
+    )[:32]  # fmt: skip
 
 
 @functools.cache

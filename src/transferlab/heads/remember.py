@@ -25,7 +25,13 @@ import numpy as np
 import torch
 
 from transferlab.heads.base import FittedHead, build_head
-from transferlab.storage import code_digest, keep_with_tensors, load_tensors, read_with_tensors
+from transferlab.storage import (
+    code_digest,
+    keep_with_tensors,
+    load_tensors,
+    read_with_tensors,
+    value_digest,
+)
 
 __all__ = ["HEADS_DIR", "features_digest", "head_key", "keep_head", "recall_head"]
 
@@ -48,11 +54,7 @@ def head_key(*parts: Any) -> str:
     differ (AVX2, AVX-512) keeps one head per kind of machine."""
     machine = (platform.machine(), torch.backends.cpu.get_cpu_capability())
     env = (_FORMAT, _code_digest(), torch.__version__, np.__version__, machine)
-    h = hashlib.sha256(repr(env).encode())
-    for part in parts:
-        h.update(part if isinstance(part, bytes) else repr(part).encode())
-        h.update(b"\0")
-    return h.hexdigest()[:32]
+    return value_digest(env, parts)[:32]
 
 
 @functools.cache

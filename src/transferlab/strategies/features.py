@@ -17,6 +17,7 @@ from torch import nn
 from transferlab.backbones import Backbone
 from transferlab.data.prepared import Split
 from transferlab.errors import TransferlabError
+from transferlab.extract import extraction_stats
 from transferlab.heads import FittedHead, fit_head
 from transferlab.heads.remember import features_digest, head_key, keep_head, recall_head
 from transferlab.model import ClassifierNet, LazyNet, softmax
@@ -145,10 +146,7 @@ def _streamed(
     if stats:
         seconds = time.perf_counter() - t0
         ctx.timings[f"extract_{name}_s"] = seconds
-        ctx.extract_stats.append(
-            {"images": len(split), "cache_hits": len(split), "computed": 0, "failed": 0,
-             "cache_read_s": seconds, "extract_s": 0.0, "images_per_s": 0.0, "engine": "cache"}
-        )  # fmt: skip
+        ctx.extract_stats.append(extraction_stats(len(split), 0, 0, seconds))
 
 
 def run(ctx: StrategyContext) -> StrategyResult:

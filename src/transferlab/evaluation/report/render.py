@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import functools
-import hashlib
 import io
 import json
 import os
@@ -28,7 +27,7 @@ from transferlab import figures
 from transferlab.data.images import open_rgb
 from transferlab.errors import TransferlabError
 from transferlab.evaluation import plots
-from transferlab.storage import atomic_write_bytes, code_digest
+from transferlab.storage import atomic_write_bytes, code_digest, value_digest
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -99,9 +98,7 @@ def cached_result(
     figures under a digest of ``parts`` (everything the result depends on, its code included)."""
     path = None
     if cache_dir is not None:
-        h = hashlib.sha256()
-        _feed(h, parts)
-        path = cache_dir / FIGURES / f"{h.hexdigest()[:40]}.json"
+        path = cache_dir / FIGURES / f"{value_digest(parts)[:40]}.json"
         with contextlib.suppress(OSError, ValueError):
             got = json.loads(path.read_text(encoding="utf-8"))
             if isinstance(got, dict):
@@ -113,35 +110,13 @@ def cached_result(
 
 
 def _figure_key(plot: Callable[..., Any], args: tuple, kwargs: Mapping[str, Any]) -> str:
-    h = hashlib.sha256(_plots_code_digest().encode())
-    _feed(h, (plot.__module__, plot.__qualname__, args, kwargs))
-    return h.hexdigest()[:40]
+    return value_digest(_plots_code_digest(), plot.__module__, plot.__qualname__, args, kwargs)[:40]
 
 
 @functools.cache
 def _plots_code_digest() -> str:
     """The drawing code's and matplotlib's versions: a changed plot function draws anew."""
     return code_digest(plots.__file__, figures.__file__) + version("matplotlib")
-
-
-def _feed(h: Any, value: Any) -> None:
-    """Hash ``value`` by content (arrays by their bytes; floats by their exact repr)."""
-    if isinstance(value, np.ndarray):
-        h.update(f"nd{value.dtype.str}{value.shape}".encode())
-        h.update(np.ascontiguousarray(value).tobytes())
-    elif isinstance(value, Mapping):
-        h.update(b"{")
-        for k in sorted(value, key=str):
-            _feed(h, k)
-            _feed(h, value[k])
-        h.update(b"}")
-    elif isinstance(value, (list, tuple)):
-        h.update(b"[")
-        for v in value:
-            _feed(h, v)
-        h.update(b"]")
-    else:
-        h.update(f"{type(value).__name__}:{value!r}\0".encode())
 
 
 def _keep_figure(path: Path, data: bytes) -> None:
