@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 import transferlab
 from test_api import photo_dataset
 from test_backbones import make_local_dir
+from transferlab.backbones.identity import short_name
 from transferlab.cli import app
 from transferlab.errors import TransferlabError
 from transferlab.heads import L2_GRID
-from transferlab.selection.output import short_name
 from transferlab.selection.probe import cv_linear_probe, stratified_folds
 from transferlab.selection.rank import rank
 

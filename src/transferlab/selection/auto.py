@@ -29,13 +29,13 @@ import numpy as np
 import torch
 
 from transferlab.augment import normalizer
+from transferlab.backbones.identity import short_name
 from transferlab.config import DEFAULT_BACKBONE, FitConfig
 from transferlab.data.loader import iter_decoded
 from transferlab.data.prepared import PreparedData, Split
 from transferlab.model import ENSEMBLE
 from transferlab.progress import info
 from transferlab.selection.ensemble import ensemble_seconds, fit_ensemble
-from transferlab.selection.output import short_name
 from transferlab.selection.rank import offline_backbones, rank
 from transferlab.strategies import STRATEGIES, StrategyContext, StrategyResult, strategy_context
 

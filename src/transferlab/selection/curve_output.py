@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from transferlab.backbones.identity import short_name
 from transferlab.figures import figure_bytes, new_figure
-from transferlab.selection.output import short_name
 from transferlab.selection.powerlaw import PowerLaw
 from transferlab.storage import atomic_write_bytes, atomic_write_text, write_json
 

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from transferlab.backbones import Backbone
+from transferlab.backbones.identity import short_name
 from transferlab.config import FitConfig
 from transferlab.data.prepared import Split
 from transferlab.errors import TransferlabError
@@ -37,7 +38,6 @@ from transferlab.model import (
 )
 from transferlab.preprocess import Preprocess
 from transferlab.progress import progress
-from transferlab.selection.output import short_name
 from transferlab.storage import state_digest
 from transferlab.strategies import StrategyResult, feature_extractor
 

@@ -12,7 +12,7 @@ from transferlab.errors import TransferlabError
 from transferlab.figures import figure_bytes, new_figure
 from transferlab.storage import atomic_write_bytes
 
-__all__ = ["RANK_FILE", "RANK_PNG", "check_study_folder", "plot_rank", "short_name"]
+__all__ = ["RANK_FILE", "RANK_PNG", "check_study_folder", "plot_rank"]
 
 RANK_FILE = "rank.json"
 RANK_PNG = "rank.png"
