@@ -102,9 +102,10 @@ def test_openvino_splits_large_batches_across_streams(tiny, tmp_path):
     ],
 )
 def test_map_gives_each_batch_its_features_in_order(tiny, engine, tmp_path):
-    """OpenVINO's map runs whole batches on its streams concurrently: outputs still come in the
-    batches' order, a batch past max_batch is chunked and joined, an empty batch is empty, and
-    a consumer that stops early leaves the runtime usable."""
+    """OpenVINO's map runs small requests on its streams concurrently: outputs still come in
+    the batches' order, a batch past the chunk size (torch: max_batch, OpenVINO:
+    REQUEST_IMAGES) is cut and joined, an empty batch is empty, and a consumer that stops early
+    leaves the runtime usable."""
     rt = make_runtime(tiny, engine=engine, export_dir=tmp_path, threads=2)
     rt.max_batch = 4
     sizes = [3, 1, 0, 9, 2, 5, 4]  # 9 and 5: two and three chunks
