@@ -457,3 +457,33 @@ def test_unchanged_figures_are_never_drawn_twice(runs, tmp_path, monkeypatch):
     (copy / "history.json").write_text(json.dumps(rows))
     build_report(copy, out=tmp_path / "fourth.html")
     assert len(drawn) == 2  # the learning curves only
+
+
+def test_split_logits_streams_the_cache_and_extracts_only_missing_chunks(runs, monkeypatch):
+    """Scoring reads cached features a chunk at a time (memory bounded by a chunk, not the
+    split), keeps only logits, and extracts just the chunk whose image the cache lacks."""
+    from transferlab.data.prepared import Split
+    from transferlab.evaluation import scoring
+    from transferlab.evaluation.scoring import head_logits, resolve_splits, split_logits
+
+    clf = transferlab.load(runs["lin"])
+    test = resolve_splits(runs["lin"], ("test",))["test"]
+    whole = head_logits(clf, scoring.split_features(clf, test))
+    extracted: list[int] = []
+    real = scoring.split_features
+    monkeypatch.setattr(
+        scoring, "split_features", lambda c, sp: extracted.append(len(sp)) or real(c, sp)
+    )
+    np.testing.assert_allclose(split_logits(clf, test, rows=5), whole, atol=1e-6)
+    assert extracted == []  # every chunk from the cache
+
+    # An image the cache has never seen (same pixels, new bytes): only its chunk is extracted.
+    src = test.paths[7]
+    other = runs["root"] / "fresh.jpg"
+    Image.open(src).save(other, quality=97)
+    moved = Split([*test.paths[:7], str(other), *test.paths[8:]], test.labels, list(test.digests))
+    moved.digests[7] = hashlib.sha256(other.read_bytes()).hexdigest()
+    got = split_logits(clf, moved, rows=5)
+    assert extracted == [5]  # rows 5..9 only
+    np.testing.assert_allclose(np.delete(got, 7, 0), np.delete(whole, 7, 0), atol=1e-6)
+    assert got.shape == whole.shape and not np.allclose(got[7], whole[7], atol=1e-9)

@@ -204,9 +204,25 @@ def split_features(classifier: Classifier, split: Split) -> np.ndarray:
     return got.features
 
 
-def split_logits(classifier: Classifier, split: Split) -> np.ndarray:
-    """Raw logits (before the model's temperature) for every image of a split."""
-    return head_logits(classifier, split_features(classifier, split))
+def split_logits(classifier: Classifier, split: Split, rows: int = 4096) -> np.ndarray:
+    """Raw logits (before the model's temperature) for every image of a split.
+
+    Cached features are read ``rows`` at a time and only their logits kept, so scoring a split
+    holds one chunk of features, not the split's (at 1M images, val + test would be ~2 GiB); a
+    chunk with an image the cache lacks is extracted."""
+    ex = classifier.extractor()
+    parts = []
+    for start, features in zip(
+        range(0, len(split.paths), rows), ex.cached_chunks(split.digests, rows), strict=True
+    ):
+        if features is None:
+            rows_here = slice(start, start + rows)
+            part = Split(split.paths[rows_here], split.labels[rows_here], split.digests[rows_here])
+            features = split_features(classifier, part)
+        parts.append(head_logits(classifier, features))
+    if not parts:
+        return np.zeros((0, len(classifier.classes)), dtype=np.float64)
+    return np.concatenate(parts)
 
 
 def _five_crops(images: np.ndarray, size: tuple[int, int]) -> list[np.ndarray]:
