@@ -204,7 +204,7 @@ def main() -> None:
         print(
             f"cold `transferlab fit` (new process, empty cache): {cold_s:.1f} s  (target <= 25 s)"
         )
-        print(f"warm re-fit (cache hit, in-process):          {warm_s:.1f} s  (target <= 3 s)")
+        print(f"warm re-fit (cache hit, in-process):          {warm_s:.2f} s  (target <= 3 s)")
         print(f"test accuracy: {acc:.4f}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
