@@ -16,7 +16,7 @@ from PIL import Image
 import transferlab
 from transferlab.data.prepared import Split
 from transferlab.errors import TransferlabError
-from transferlab.evaluation import scoring
+from transferlab.evaluation import run_data
 from transferlab.evaluation.analysis import (
     load_predictions,
     most_confused,
@@ -28,7 +28,8 @@ from transferlab.evaluation.analysis import (
 )
 from transferlab.evaluation.compare import compare_runs
 from transferlab.evaluation.metrics import fit_temperature
-from transferlab.evaluation.scoring import calibrate, resolve_splits, split_logits, tta_probs
+from transferlab.evaluation.run_data import resolve_splits
+from transferlab.evaluation.scoring import calibrate, split_logits, tta_probs
 from transferlab.model import softmax
 from transferlab.storage import read_json
 
@@ -383,11 +384,11 @@ def test_given_data_with_a_corrupt_image_is_skipped_like_fit_skips_it(fitted, tm
     # resolve_splits / classifier_split on given data go through the same scan
     splits = resolve_splits(root / "run_linear", ("test",), data=data)
     assert bad not in splits["test"].paths and all(splits["test"].digests)
-    assert bad not in scoring.classifier_split(fitted["clf"], "test", data).paths
-    prepared = scoring.prepare_run_data(data, fitted["clf"].saved.config, fitted["clf"].classes)
+    assert bad not in run_data.classifier_split(fitted["clf"], "test", data).paths
+    prepared = run_data.prepare_run_data(data, fitted["clf"].saved.config, fitted["clf"].classes)
     assert [p for p, _ in prepared.skipped] == [bad]
     with pytest.raises(TransferlabError, match="differ from the model's"):
-        scoring.prepare_run_data(data, fitted["clf"].saved.config, ["red", "blue"])
+        run_data.prepare_run_data(data, fitted["clf"].saved.config, ["red", "blue"])
     # export's image source: the same splits, the corrupt file never offered for calibration
     source = ImageSource(fitted["clf"], root / "run_linear", data)
     assert bad not in [p for p, _ in source.split("test")]

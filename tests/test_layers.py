@@ -48,6 +48,7 @@ LAYERS: list[tuple[str, ...]] = [
         "evaluation",
         "evaluation.metrics",
         "evaluation.plots",
+        "evaluation.run_data",
         "evaluation.scoring",
         "evaluation.exported",
         "evaluation.explain",  # below the API: Classifier.explain draws with it

@@ -302,7 +302,7 @@ def test_report_evaluate_and_compare_on_given_data_skip_a_corrupt_image(
     runs, tmp_path, monkeypatch
 ):
     from transferlab import api
-    from transferlab.evaluation import scoring
+    from transferlab.evaluation import run_data
 
     data, bad = _with_truncated_jpeg(runs["data"], tmp_path / "data")
     doc = build_report(runs["lin"], data=data, out=tmp_path / "r" / "report.html").read_text()
@@ -315,14 +315,14 @@ def test_report_evaluate_and_compare_on_given_data_skip_a_corrupt_image(
 
     # evaluate --report: one scan of the folder, shared by the evaluation and the report
     scans = []
-    real = scoring.prepare_run_data
+    real = run_data.prepare_run_data
 
     def counting(*a, **k):
         scans.append(a[0])
         return real(*a, **k)
 
     monkeypatch.setattr(api, "prepare_run_data", counting)  # where evaluate_run scans
-    monkeypatch.setattr(scoring, "prepare_run_data", counting)  # where the report would
+    monkeypatch.setattr(run_data, "prepare_run_data", counting)  # where the report would
     run = tmp_path / "run"
     shutil.copytree(runs["lin"], run)
     res = _evaluate(run, data, tmp_path / "rep")
@@ -464,7 +464,8 @@ def test_split_logits_streams_the_cache_and_extracts_only_missing_chunks(runs, m
     split), keeps only logits, and extracts just the chunk whose image the cache lacks."""
     from transferlab.data.prepared import Split
     from transferlab.evaluation import scoring
-    from transferlab.evaluation.scoring import head_logits, resolve_splits, split_logits
+    from transferlab.evaluation.run_data import resolve_splits
+    from transferlab.evaluation.scoring import head_logits, split_logits
 
     clf = transferlab.load(runs["lin"])
     test = resolve_splits(runs["lin"], ("test",))["test"]

@@ -18,7 +18,7 @@ from transferlab.data.images import file_digest
 from transferlab.data.prepared import prepare_data
 from transferlab.data.scan import file_digests, scan_files
 from transferlab.data.scan_index import RACY_NS, ScanIndex, index_path
-from transferlab.evaluation.scoring import resolve_splits
+from transferlab.evaluation.run_data import resolve_splits
 
 HOUR_NS = 3600 * 10**9
 

@@ -23,12 +23,8 @@ from transferlab.errors import TransferlabError
 from transferlab.evaluation.card import ClassifierViews
 from transferlab.evaluation.exported import evaluate_exported
 from transferlab.evaluation.metrics import classification_report
-from transferlab.evaluation.scoring import (
-    evaluate_split,
-    evaluation_data,
-    head_logits,
-    prepare_run_data,
-)
+from transferlab.evaluation.run_data import evaluation_data, prepare_run_data
+from transferlab.evaluation.scoring import evaluate_split, head_logits
 from transferlab.model import LazyNet, softmax
 from transferlab.predict import ExportedClassifier, is_exported_file
 from transferlab.progress import progress, verbosity, warn

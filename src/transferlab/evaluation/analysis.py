@@ -5,7 +5,8 @@
 * :func:`save_predictions` / :func:`load_predictions`: per-image results in ``predictions.csv``,
   so runs can be compared image by image (:mod:`transferlab.evaluation.compare`).
 
-Scoring itself (splits, logits, TTA, calibration) is :mod:`transferlab.evaluation.scoring`.
+Scoring itself (logits, TTA, calibration) is :mod:`transferlab.evaluation.scoring`, the splits
+:mod:`transferlab.evaluation.run_data`.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from transferlab.errors import TransferlabError
-from transferlab.evaluation.scoring import classifier_split
+from transferlab.evaluation.run_data import classifier_split
 from transferlab.runs import REPORT_FILE
 
 if TYPE_CHECKING:

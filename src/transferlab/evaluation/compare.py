@@ -19,7 +19,8 @@ from transferlab.errors import TransferlabError
 from transferlab.evaluation.analysis import load_predictions
 from transferlab.evaluation.metrics import classification_report, mcnemar
 from transferlab.evaluation.plots import plot_compare
-from transferlab.evaluation.scoring import prepare_run_data, resolve_splits, split_logits
+from transferlab.evaluation.run_data import prepare_run_data, resolve_splits
+from transferlab.evaluation.scoring import split_logits
 from transferlab.model import softmax
 from transferlab.runs import COMPARE_FILE, COMPARE_PNG, METRICS_FILE, MODEL_FILE, is_run_dir
 from transferlab.storage import read_json

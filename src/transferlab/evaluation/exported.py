@@ -11,7 +11,7 @@ import numpy as np
 from transferlab.data.prepared import PreparedData
 from transferlab.errors import TransferlabError
 from transferlab.evaluation.metrics import classification_report
-from transferlab.evaluation.scoring import evaluation_data
+from transferlab.evaluation.run_data import evaluation_data
 from transferlab.predict import ExportedClassifier, PredictionEngine
 
 __all__ = ["evaluate_exported"]

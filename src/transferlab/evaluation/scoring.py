@@ -1,30 +1,21 @@
-"""Scoring a trained classifier on images: its splits, logits, probabilities, test-time
-augmentation and temperature scaling — what ``Classifier.evaluate`` and every analysis build on.
-
-Splits of a saved run are rebuilt from its ``data.json`` (no re-scan: the digests needed by the
-feature cache come from the dataset's scan index; only files changed since are re-hashed) or,
-from a dataset folder given explicitly, by :func:`prepare_run_data`: discovered and
-decode-checked exactly as ``fit`` does, so unusable files are reported and skipped instead of
-failing the evaluation. The frozen-body strategies then get their features from the cache, so
-everything here costs seconds.
+"""Scoring a trained classifier on images: logits, probabilities, test-time augmentation and
+temperature scaling — what ``Classifier.evaluate`` and every analysis build on. Which images
+(a run's splits, or a folder) is :mod:`transferlab.evaluation.run_data`. The frozen-body
+strategies get their features from the cache, so everything here costs seconds.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from transferlab.config import TTA_MODES, FitConfig
-from transferlab.data.discover import DatasetIndex
+from transferlab.config import TTA_MODES
 from transferlab.data.loader import iter_decoded
-from transferlab.data.prepared import PreparedData, Split, prepare_data
-from transferlab.data.scan import file_digests
+from transferlab.data.prepared import PreparedData, Split
 from transferlab.errors import TransferlabError
 from transferlab.evaluation.metrics import (
     classification_report,
@@ -32,159 +23,17 @@ from transferlab.evaluation.metrics import (
     fit_temperature,
 )
 from transferlab.model import softmax
-from transferlab.progress import info
-from transferlab.runs import DATA_FILE, MODEL_FILE, read_run_json
 
 if TYPE_CHECKING:
     from transferlab.api import Classifier
 
 __all__ = [
-    "SUMMARY_KEYS", "calibrate", "classifier_split", "evaluate_split", "head_logits",
-    "evaluation_data", "prepare_run_data", "resolve_splits", "split_features", "split_logits",
-    "tta_probs", "with_digests",
+    "SUMMARY_KEYS", "calibrate", "evaluate_split", "head_logits", "split_features",
+    "split_logits", "tta_probs",
 ]  # fmt: skip
 
 SUMMARY_KEYS = ("n", "accuracy", "accuracy_ci95", "balanced_accuracy", "log_loss", "ece")
 _EPS = 1e-15  # probability floor for -log p (a confident miss costs ~34.5, not inf)
-
-
-def prepare_run_data(
-    data: str | os.PathLike[str],
-    config: Mapping[str, Any] | None = None,
-    classes: Sequence[str] | None = None,
-) -> PreparedData:
-    """A run's splits on a dataset folder given explicitly, built exactly as ``fit`` builds them.
-
-    The one way evaluation code (``compare --data``, ``report --data``, ``evaluate``, export)
-    turns a folder into splits: :func:`transferlab.data.prepared.prepare_data` with the run's
-    configuration (``config``: ``SavedModel.config``, the ``FitConfig`` as a dict; its seed,
-    fractions and label regex give the same split), which reads every file once: unusable
-    images are reported, skipped and listed in ``.skipped`` (with the run's ``strict`` they fail
-    it, as at fit time), and every split carries content digests for the feature cache.
-    ``classes``: the model's; the folder's must be the same, in the same order.
-    """
-    cfg = FitConfig.from_dict(dict(config)) if config else FitConfig()
-    prepared = prepare_data(data, cfg)
-    if classes is not None and list(prepared.index.classes) != list(classes):
-        raise TransferlabError(
-            f"{data}: classes {prepared.index.classes} differ from the model's {list(classes)}"
-        )
-    return prepared
-
-
-def resolve_splits(
-    source: str | os.PathLike[str] | Mapping[str, Any],
-    names: Sequence[str] = ("val", "test"),
-    *,
-    data: str | os.PathLike[str] | None = None,
-    classes: Sequence[str] | None = None,
-    config: Mapping[str, Any] | None = None,
-    digests: bool = True,
-    prepared: PreparedData | None = None,
-) -> dict[str, Split]:
-    """A run's splits as :class:`Split` objects (paths, labels, content digests).
-
-    ``source`` is a run folder or a data summary (``Classifier.data_summary``, the content of
-    ``data.json``). Without ``data`` the splits are the exact images the run saw, minus the
-    ones it skipped; a missing file raises :class:`TransferlabError`. With ``data`` the folder
-    goes through :func:`prepare_run_data` with the run's configuration (``config``; default:
-    the run folder's ``model.json``): unusable files are skipped as at fit time. ``prepared``:
-    that result already computed (one scan serves several calls). Splits with no images are
-    left out. Recorded images' digests come from :func:`with_digests`; ``digests=False``
-    leaves them empty strings (fine for showing images, not for the feature cache).
-    """
-    run = None if isinstance(source, Mapping) else Path(source)
-    if prepared is None and data is not None:
-        if config is None and run is not None:
-            config = (read_run_json(run, MODEL_FILE) or {}).get("config")
-        prepared = prepare_run_data(data, config, classes)
-    if prepared is not None:
-        if classes is not None and list(prepared.index.classes) != list(classes):
-            raise TransferlabError(
-                f"{prepared.index.root}: classes {prepared.index.classes} differ from the "
-                f"model's {list(classes)}"
-            )
-        return {name: prepared.splits[name] for name in names if name in prepared.splits}
-
-    summary = source if run is None else read_run_json(run, DATA_FILE)
-    cache_dir = (config or {}).get("cache_dir")  # where the run's scan index is
-    return _recorded_splits(summary, run, names, classes, digests=digests, cache_dir=cache_dir)
-
-
-def _recorded_splits(
-    summary: Mapping[str, Any] | None,
-    run: Path | None,
-    names: Sequence[str],
-    classes: Sequence[str] | None,
-    *,
-    digests: bool,
-    cache_dir: str | None = None,
-) -> dict[str, Split]:
-    """The exact images a run saw (its data summary), minus the ones it skipped."""
-    if not summary or "index" not in summary:
-        raise TransferlabError(
-            f"{run or 'this model'}: no data summary (data.json) to find the run's images "
-            "in; pass the dataset folder"
-        )
-    index = DatasetIndex.from_dict(summary["index"])
-    skipped = {s["path"] for s in summary.get("skipped", [])}
-    classes = list(classes) if classes is not None else list(index.classes)
-    if list(index.classes) != classes:
-        raise TransferlabError(f"{run}: classes {index.classes} differ from the model's {classes}")
-    label_of = {c: i for i, c in enumerate(classes)}
-    out: dict[str, Split] = {}
-    for name in names:
-        samples = [s for s in index.split(name) if s.path not in skipped]
-        if not samples:
-            continue
-        missing = [s.path for s in samples if not os.path.isfile(s.path)]
-        if missing:
-            raise TransferlabError(
-                f"{missing[0]}: missing ({len(missing)} image(s) of the '{name}' split are gone; "
-                "pass the dataset folder if it moved)"
-            )
-        out[name] = Split(
-            paths=[s.path for s in samples],
-            labels=np.array([label_of[s.label] for s in samples], dtype=np.int64),
-            digests=[""] * len(samples),
-        )
-    return with_digests(out, index.root, cache_dir) if digests else out
-
-
-def with_digests(
-    splits: Mapping[str, Split],
-    root: str | os.PathLike[str],
-    cache_dir: str | os.PathLike[str] | None = None,
-) -> dict[str, Split]:
-    """``splits`` with the content digests of their images, as the feature cache keys them:
-    from the scan index of dataset ``root`` (under ``cache_dir``) for files unchanged since
-    they were scanned, hashed otherwise; one look-up for all the splits."""
-    paths = [p for split in splits.values() for p in split.paths]
-    digests = iter(file_digests(paths, index_root=root, cache_dir=cache_dir))
-    return {
-        name: replace(split, digests=[next(digests) for _ in split.paths])
-        for name, split in splits.items()
-    }
-
-
-def classifier_split(
-    classifier: Classifier, name: str, data: str | os.PathLike[str] | None = None
-) -> Split:
-    """One split of a classifier's data: from its data summary (a fitted model) or ``data``."""
-    if data is None and not classifier.data_summary:
-        raise TransferlabError(
-            "this model carries no data summary (loaded from a folder?); pass data=DATASET"
-        )
-    splits = resolve_splits(
-        classifier.data_summary,
-        (name,),
-        data=data,
-        classes=classifier.classes,
-        config=classifier.saved.config,
-    )
-    if name not in splits:
-        raise TransferlabError(f"no '{name}' split in the data")
-    return splits[name]
 
 
 def head_logits(classifier: Classifier, features: np.ndarray) -> np.ndarray:
@@ -383,34 +232,3 @@ def _calibrate_on_val(
     if held_out:  # key the held-out numbers by the split's real name
         cal[split] = cal.pop("test")
     return cal
-
-
-def evaluation_data(
-    data: str | os.PathLike[str],
-    config: Mapping[str, Any] | None,
-    classes: Sequence[str],
-    split: str = "test",
-    *,
-    own_data: bool = False,
-) -> tuple[PreparedData, str]:
-    """The images to score on ``data`` and the name of that split.
-
-    ``split`` of the folder as ``fit`` splits it, except: ``"all"`` scores every usable image of
-    every split; and so does the default ``"test"`` on a folder without split folders that is not
-    the run's own data — its carved 20% "test" would silently leave most of it unscored (on the
-    run's own folder the carved test split is the held-out one, and it is kept).
-    """
-    prepared = prepare_run_data(data, config, classes)
-    unsplit = (prepared.index.generated_split or {}).get("from") == "all"
-    if split != "all" and not (split == "test" and unsplit and not own_data):
-        return prepared, split
-    parts = [prepared.splits[name] for name in ("train", "val", "test") if name in prepared.splits]
-    whole = Split(
-        paths=[p for s in parts for p in s.paths],
-        labels=np.concatenate([s.labels for s in parts]),
-        digests=[d for s in parts for d in s.digests],
-    )
-    counts = ", ".join(f"{c} {int((whole.labels == i).sum())}" for i, c in enumerate(classes))
-    why = " (it has no split folders)" if unsplit and split != "all" else ""
-    info(f"{data}: scoring all {len(whole)} usable images{why}: {counts}")
-    return replace(prepared, splits={"all": whole}), "all"

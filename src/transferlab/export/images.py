@@ -15,7 +15,7 @@ import numpy as np
 from transferlab.data.discover import DatasetIndex
 from transferlab.data.images import load_image
 from transferlab.errors import ImageError
-from transferlab.evaluation.scoring import prepare_run_data
+from transferlab.evaluation.run_data import prepare_run_data
 from transferlab.runs import DATA_FILE, read_run_json
 
 if TYPE_CHECKING:

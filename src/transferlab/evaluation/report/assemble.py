@@ -65,7 +65,7 @@ def build_report(
     passes its own: saves reloading the body and reuses its feature runtime). ``data`` is
     scanned as ``fit`` scans (unusable files are skipped and listed in the Dataset section);
     ``prepared``: that scan when the caller already has it
-    (:func:`transferlab.evaluation.scoring.prepare_run_data` of ``data``). Prints the build
+    (:func:`transferlab.evaluation.run_data.prepare_run_data` of ``data``). Prints the build
     time and size.
     """
     t0 = time.perf_counter()

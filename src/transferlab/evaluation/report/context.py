@@ -18,7 +18,7 @@ from transferlab.api import Classifier, load
 from transferlab.cache import default_cache_dir
 from transferlab.data.prepared import PreparedData, Split
 from transferlab.errors import TransferlabError
-from transferlab.evaluation import scoring
+from transferlab.evaluation import run_data, scoring
 from transferlab.evaluation.report.render import cached_result, figure_uri, render
 from transferlab.model import softmax
 from transferlab.runs import AUTO_FILE, DATA_FILE, HISTORY_FILE, METRICS_FILE
@@ -136,7 +136,7 @@ class RunContext:
             return None
         if self._prepared is None and self._prepared_error is None:
             try:
-                self._prepared = scoring.prepare_run_data(
+                self._prepared = run_data.prepare_run_data(
                     self.data, self.clf.saved.config, self.classes
                 )
             except TransferlabError as e:
@@ -149,7 +149,7 @@ class RunContext:
         """Splits of the given ``data`` (the one scan) or of the run's own ``data.json`` (parsed
         once per report; digests from the scan index, looked up once per split)."""
         if self.data is not None:
-            return scoring.resolve_splits(
+            return run_data.resolve_splits(
                 self.run, names, classes=self.classes, prepared=self.prepared()
             )
         if self._recorded is None:
@@ -173,14 +173,14 @@ class RunContext:
 
     def _with_digests(self, splits: dict[str, Split]) -> dict[str, Split]:
         root = self.summary["index"]["root"]
-        return scoring.with_digests(splits, root, self.clf.saved.config.get("cache_dir"))
+        return run_data.with_digests(splits, root, self.clf.saved.config.get("cache_dir"))
 
     def _recorded_splits(self) -> dict[str, Split | TransferlabError]:
         """Every split of the run's ``data.json``, without digests; a split whose images are
         gone holds the error, so that only the sections needing it say so."""
         try:
             return dict(
-                scoring.resolve_splits(self.run, _SPLITS, classes=self.classes, digests=False)
+                run_data.resolve_splits(self.run, _SPLITS, classes=self.classes, digests=False)
             )
         except TransferlabError:
             pass  # find out which split: once per split, only when something is missing
@@ -188,7 +188,7 @@ class RunContext:
         for name in _SPLITS:
             try:
                 out.update(
-                    scoring.resolve_splits(self.run, (name,), classes=self.classes, digests=False)
+                    run_data.resolve_splits(self.run, (name,), classes=self.classes, digests=False)
                 )
             except TransferlabError as e:
                 out[name] = e
