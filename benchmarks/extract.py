@@ -128,8 +128,8 @@ def engine_limit(
             t1 = time.perf_counter()
             for _ in runtime.map(decoded[i : i + 32] for i in range(0, len(decoded), 32)):
                 pass
-            # the engine's best of its two ways (each batch split over the streams / whole
-            # batches on the streams concurrently, as FeatureExtractor feeds it)
+            # the engine's best of its two ways (one call per batch, which ends at a barrier /
+            # batches pipelined through the streams, as FeatureExtractor feeds it)
             model = len(paths) / min(t1 - t0, time.perf_counter() - t1)
             ex = FeatureExtractor(bb, cache=cache, identity=f"bench-{name}-{rep}", runtime=runtime)
             got = ex(paths, [f"{i:064x}" for i in range(len(paths))])

@@ -12,11 +12,12 @@ subprocesses, the way a user runs them:
 * warm re-fit: the same command again (scan index and features cached);
 * report: `transferlab report RUN`.
 
-Peak RSS is sampled (psutil, every 50 ms) for the main process and for its worker processes
-(decode, scan), and the cache folder's files and bytes are counted after the cold fit. The last
-lines give per-image slopes between the smallest and the largest size (fixed costs cancel), which
-docs/cluster.md turns into a projection for a million images. Images and runs go to --work
-(default: a temporary folder outside the repository, deleted afterwards unless --keep).
+Peak RSS is the main process's high-water mark (``wait4``'s ``ru_maxrss``), and sampled (psutil,
+every 50 ms) for its worker processes (decode, scan); the cache folder's files and bytes are
+counted after the cold fit. The last lines give per-image slopes between the smallest and the
+largest size (fixed costs cancel), which docs/cluster.md turns into a projection for a million
+images. Images and runs go to --work (default: a temporary folder outside the repository,
+deleted afterwards unless --keep).
 """
 
 from __future__ import annotations
