@@ -26,7 +26,7 @@ from transferlab.data.prepared import Split
 from transferlab.data.scan import file_digests
 from transferlab.errors import TransferlabError
 from transferlab.heads import build_head
-from transferlab.model import ClassifierNet
+from transferlab.model import ClassifierNet, EnsembleBody, EnsembleMember
 from transferlab.preprocess import Preprocess
 from transferlab.runs import SavedModel
 from transferlab.selection.ensemble import (
@@ -39,21 +39,22 @@ from transferlab.storage import state_digest
 from transferlab.strategies import StrategyResult
 
 WEIGHTS = [0.3, 0.7]
-# Two members as unlike as real ones: another architecture, input size and normalization.
+# Two members as unlike as real ones: another architecture, input size, eval crop and
+# normalization (the smaller member keeps the centred 0.875 / 0.95 of the ensemble's input).
 MEMBERS = (
-    ("mobilenetv2_035", 64, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    ("mobilenetv2_050", 48, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    ("mobilenetv2_035", 64, 0.95, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    ("mobilenetv2_050", 48, 0.875, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 )
 
 
-def _member(data, arch, size, mean, std, seed) -> StrategyResult:
+def _member(data, arch, size, crop_pct, mean, std, seed) -> StrategyResult:
     """A random body + a nearest-centroid linear head on its training features (as
     test_predict.make_run builds a single model), at its own preprocessing."""
     import timm
 
     torch.manual_seed(seed)
     body = timm.create_model(arch, pretrained=False, num_classes=0).eval()
-    pre = Preprocess(input_size=(size, size), mean=mean, std=std)
+    pre = Preprocess(input_size=(size, size), crop_pct=crop_pct, mean=mean, std=std)
     index = discover(data)
     rows = [s for s in index.samples if s.split == "train"]
     x = torch.from_numpy(np.stack([load_image(s.path, pre) for s in rows])).float() / 255
@@ -97,9 +98,14 @@ def built(tmp_path_factory):
 
 def _member_probs(member: StrategyResult, images: np.ndarray) -> np.ndarray:
     """A member's probabilities on uint8 images decoded at the ensemble's geometry, computed
-    here from its own modules: resized to its size, normalized with its mean/std."""
+    here from its own modules: cut to its own share of the ensemble's crop (centred), resized
+    to its size, normalized with its mean/std."""
     pre = member.preprocess
     x = torch.from_numpy(images).float() / 255
+    side = x.shape[-1]
+    keep = round(side * min(1.0, pre.crop_pct / MEMBERS[0][2]))
+    top = (side - keep) // 2
+    x = x[..., top : top + keep, top : top + keep]
     if tuple(x.shape[-2:]) != pre.input_size:
         x = F.interpolate(x, size=pre.input_size, mode="bilinear", align_corners=False)
     x = (x - torch.tensor(pre.mean).view(1, 3, 1, 1)) / torch.tensor(pre.std).view(1, 3, 1, 1)
@@ -119,7 +125,7 @@ def test_saved_ensemble_predicts_the_weighted_average_of_its_members(built):
     assert [m["weight"] for m in meta["body"]["members"]] == WEIGHTS
     assert meta["preprocess"]["input_size"] == [64, 64]  # the largest member's
     assert [m["preprocess"]["mean"] for m in meta["body"]["recipe"]["members"]] == [
-        list(m[2]) for m in MEMBERS
+        list(m[3]) for m in MEMBERS
     ]
     clf = transferlab.load(run)
     files = _test_files(data)
@@ -134,6 +140,33 @@ def test_saved_ensemble_predicts_the_weighted_average_of_its_members(built):
     assert not np.allclose(parts[0], parts[1], atol=1e-3)  # so the weights matter
     report = clf.evaluate(data, split="test", tta="flip")
     assert report["tta"]["views"] == 2 and report["n"] == len(files)
+
+
+class _Brightest(torch.nn.Module):
+    """A stand-in body: each image's brightest value, as a (n, 1) feature."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.amax(dim=(1, 2, 3)).unsqueeze(1)
+
+
+def test_a_member_with_a_tighter_eval_crop_sees_its_own_crop_not_the_ensembles():
+    """Lite2-like (260 px, crop_pct 0.89) beside a Lite0-like member (224 px, crop_pct 0.875):
+    the ensemble's input is the wider crop, and the Lite0-like member keeps only its own
+    centred share of it. A bright ring just outside that share must not reach it."""
+    plain = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    wide = Preprocess(input_size=(260, 260), crop_pct=0.8904, **plain)
+    tight = Preprocess(input_size=(224, 224), crop_pct=0.875, **plain)
+    members = [EnsembleMember(_Brightest(), torch.nn.Identity(), pre) for pre in (wide, tight)]
+    body = EnsembleBody(members)
+    assert members[0].window == 1.0
+    assert members[1].window == pytest.approx(0.875 / 0.8904)
+    keep = round(260 * members[1].window)  # 256 of the 260 pixels
+    x = torch.zeros(1, 3, 260, 260)
+    x[..., :, : (260 - keep) // 2] = 1.0  # the columns only the wider crop has
+    seen = body(x)[0]
+    assert seen[0] == 1.0 and seen[1] == 0.0
+    x[..., 130, 130] = 0.5  # the centre reaches both
+    assert body(x)[0, 1] > 0.0
 
 
 def test_weights_are_chosen_on_val_through_the_ensembles_own_forward(built):

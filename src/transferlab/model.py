@@ -89,22 +89,32 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 
 class EnsembleMember(ClassifierNet):
     """One member of an ensemble: the ensemble's input (float RGB in [0, 1] at the ensemble's
-    size) → resized to the member's own input size → its own mean/std → its logits (n, C).
+    size) → its own centre crop of that → resized to its own input size → its own mean/std →
+    its logits (n, C).
 
     Each member keeps the normalization it was trained with, so members of different families
-    (0.5/0.5 Inception-style, ImageNet mean/std) share one uint8 input.
+    (0.5/0.5 Inception-style, ImageNet mean/std) share one uint8 input. ``window`` (set by
+    :class:`EnsembleBody`) is the centred fraction of the input's sides the member keeps, so a
+    member whose eval crop is tighter than the ensemble's sees its own crop, not the wider one.
     """
 
     def __init__(self, body: nn.Module, head: nn.Module, preprocess: Preprocess) -> None:
         super().__init__(body, head)
         self.preprocess = preprocess
         self.input_size = tuple(int(v) for v in preprocess.input_size)
+        self.window = 1.0
         mean = torch.tensor(preprocess.mean, dtype=torch.float32).view(1, -1, 1, 1)
         std = torch.tensor(preprocess.std, dtype=torch.float32).view(1, -1, 1, 1)
         self.register_buffer("mean", mean, persistent=False)  # from model.json, not weights
         self.register_buffer("std", std, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.window < 1.0:
+            # Python ints: the ensemble's input size is fixed, so the export slices constants.
+            h, w = int(x.shape[-2]), int(x.shape[-1])
+            keep_h, keep_w = round(h * self.window), round(w * self.window)
+            top, left = (h - keep_h) // 2, (w - keep_w) // 2
+            x = x[..., top : top + keep_h, left : left + keep_w]
         if tuple(x.shape[-2:]) != self.input_size:
             # Bilinear without antialiasing: one ONNX Resize that ONNX Runtime and OpenVINO
             # compute as torch does (the shrink is mild: the largest member sets the size).
@@ -118,14 +128,21 @@ class EnsembleBody(nn.Module):
     def __init__(self, members: list[EnsembleMember]) -> None:
         super().__init__()
         self.members = nn.ModuleList(members)
+        outer = ensemble_preprocess([m.preprocess for m in members])
+        for m in members:
+            # "center" keeps crop_pct of the image's shorter side: a member with a smaller
+            # crop_pct than the ensemble's keeps that share of the ensemble's input.
+            if m.preprocess.crop_mode == outer.crop_mode == "center":
+                m.window = min(1.0, m.preprocess.crop_pct / outer.crop_pct)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([m(x) for m in self.members], dim=1)
 
 
 def ensemble_preprocess(members: list[Preprocess]) -> Preprocess:
-    """The ensemble's preprocessing: the geometry of its largest member (the others shrink in
-    the network), no normalization (mean 0, std 1: each member normalizes its own input)."""
+    """The ensemble's preprocessing: the geometry of its largest member (the others crop and
+    shrink in the network), no normalization (mean 0, std 1: each member normalizes its own
+    input)."""
     largest = max(members, key=lambda p: p.input_size[0] * p.input_size[1])
     return Preprocess(
         input_size=largest.input_size,

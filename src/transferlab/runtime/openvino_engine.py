@@ -58,6 +58,10 @@ class OpenVinoRuntime(EngineRuntime):
         self._request = latency.create_infer_request()
         self.streams = max(1, int(bulk.get_property("NUM_STREAMS"))) if threads > 1 else 1
         self._bulk = [bulk.create_infer_request() for _ in range(2 * self.streams)]
+        if self.streams > 1:
+            # Requests of REQUEST_IMAGES already bound activation memory: a large batch streams
+            # through whole rather than in max_batch chunks that each drain every stream.
+            self.max_batch = sys.maxsize
         self._compiled = (latency, bulk)
         self._lock = threading.Lock()  # one set of requests: serialize concurrent callers
         self.threads = threads

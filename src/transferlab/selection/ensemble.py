@@ -2,11 +2,12 @@
 probabilities, with the weights chosen on val.
 
 The ensemble is a :class:`~transferlab.model.ClassifierNet` like any other (see
-:mod:`transferlab.model`): its body runs every member on the one uint8 image (each resized to
-its own size and normalized with its own mean/std) and returns their logits side by side; its
-head averages their probabilities. The val pass runs that very body on its runtime (ONNX
-Runtime/OpenVINO, parity-checked as every body is), so the weights are chosen on exactly what
-is saved, exported and served, not on features cached at each member's own preprocessing.
+:mod:`transferlab.model`): its body runs every member on the one uint8 image (each cut to its
+own eval crop, resized to its own size and normalized with its own mean/std) and returns their
+logits side by side; its head averages their probabilities. The val pass runs that very body
+on its runtime (ONNX Runtime/OpenVINO, parity-checked as every body is), so the weights are
+chosen on exactly what is saved, exported and served, not on features cached at each member's
+own preprocessing.
 
 The weights minimise val log loss over a grid on the simplex (step :data:`GRID_STEP`): a proper
 score, smoother on a few hundred images than accuracy, which would pick among ties at random.
