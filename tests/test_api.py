@@ -87,6 +87,28 @@ def test_fit_features_evaluates_saves_and_loads(split_data, tmp_path):
         assert torch.equal(loaded.net.body(x), clf.net.body.eval()(x))
 
 
+def test_a_lazy_body_asked_for_by_many_threads_at_once_is_built_once(tmp_path):
+    import threading
+    import time
+
+    built = []
+
+    def make_body() -> torch.nn.Module:
+        time.sleep(0.05)  # long enough for every thread to arrive while it builds
+        built.append(torch.nn.Flatten())
+        return built[-1]
+
+    lazy = LazyNet(make_body, torch.nn.Identity(), tmp_path / "body.safetensors")
+    nets = []
+    threads = [threading.Thread(target=lambda: nets.append(lazy.eval())) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(built) == 1
+    assert all(net is nets[0] for net in nets) and nets[0].body is built[0]
+
+
 def test_a_body_file_replaced_after_load_is_refused_at_first_use(split_data, tmp_path):
     """A loaded run builds its body when first used: from the file it loaded, or not at all."""
     out = tmp_path / "run"

@@ -9,6 +9,7 @@ weighted average of the members' probabilities.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -169,12 +170,14 @@ class LazyNet:
         self.head = head
         self.body_file = body_file
         self._net: ClassifierNet | None = None
+        self._building = threading.Lock()  # a server's threads may all ask for it at once
 
     @property
     def body(self) -> nn.Module:
         return self.eval().body
 
     def eval(self) -> ClassifierNet:
-        if self._net is None:
-            self._net = ClassifierNet(self._make_body(), self.head).eval()
+        with self._building:
+            if self._net is None:
+                self._net = ClassifierNet(self._make_body(), self.head).eval()
         return self._net
