@@ -74,6 +74,17 @@ def test_fit_evaluate_predict_round_trip(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "scoring all 8 usable images" in r.stderr and "ECE" in r.stdout
     assert json.loads((tmp_path / "all.json").read_text())["n"] == 8
+    # the run's images moved into one unsplit folder: those it trained or validated on are not
+    # scored again (they would inflate the accuracy), only its test images
+    moved = tmp_path / "moved"
+    for image in data.rglob("*.jpg"):
+        (moved / image.parent.name).mkdir(parents=True, exist_ok=True)
+        target = moved / image.parent.name / f"{image.parent.parent.name}-{image.name}"
+        target.write_bytes(image.read_bytes())
+    r = tl("evaluate", run, moved, "--json", tmp_path / "moved.json")
+    assert r.returncode == 0, r.stderr
+    assert "left out 28 image(s) the model was trained or validated on" in r.stderr  # 2 x (10+4)
+    assert json.loads((tmp_path / "moved.json").read_text())["n"] == 8
     # inputs that match nothing are an error, not an empty success
     r = tl("predict", run, str(tmp_path / "nothing*.jpg"))
     assert r.returncode == 2 and "matched no file" in r.stderr

@@ -360,7 +360,9 @@ def evaluate_run(
     if calibrate:
         prepared = prepare_run_data(data, clf.saved.config, clf.classes)
     else:
-        prepared, split = evaluation_data(data, clf.saved.config, clf.classes, split, own_data=own)
+        prepared, split = evaluation_data(
+            data, clf.saved.config, clf.classes, split, own_data=own, seen=_trained_on(run)
+        )
     report = clf.evaluate(data, split=split, tta=tta, calibrate=calibrate, prepared=prepared)
     record = {k: {**report[k], "data": str(data)} for k in ("calibration", "tta") if k in report}
     if calibrate:
@@ -371,6 +373,12 @@ def evaluate_run(
     if calibrate or record:
         seal_run(run)  # the run's own changes: its file digests follow them
     return RunEvaluation(classifier=clf, prepared=prepared, report=report, split=split)
+
+
+def _trained_on(run: str | os.PathLike) -> set[str]:
+    """Content digests of the images the run was trained or validated on (its provenance)."""
+    files = (recorded_inputs(run) or {}).get("files", [])
+    return {f["sha256"] for f in files if f.get("split") in ("train", "val") and f.get("sha256")}
 
 
 def _same_data(clf: Classifier, data: str | os.PathLike) -> bool:

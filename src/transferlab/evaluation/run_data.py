@@ -11,7 +11,7 @@ failing the evaluation.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -180,25 +180,44 @@ def evaluation_data(
     split: str = "test",
     *,
     own_data: bool = False,
+    seen: Collection[str] = (),
 ) -> tuple[PreparedData, str]:
     """The images to score on ``data`` and the name of that split.
 
     ``split`` of the folder as ``fit`` splits it, except: ``"all"`` scores every usable image of
     every split; and so does the default ``"test"`` on a folder without split folders that is not
     the run's own data — its carved 20% "test" would silently leave most of it unscored (on the
-    run's own folder the carved test split is the held-out one, and it is kept).
+    run's own folder the carved test split is the held-out one, and it is kept). That whole-folder
+    score leaves out the images whose content digest is in ``seen`` (those the model was trained
+    or validated on: the run's folder copied or moved, or a new folder that shares images with
+    it), which would inflate it, and says how many.
     """
     prepared = prepare_run_data(data, config, classes)
     unsplit = (prepared.index.generated_split or {}).get("from") == "all"
-    if split != "all" and not (split == "test" and unsplit and not own_data):
+    implicit = split == "test" and unsplit and not own_data
+    if split != "all" and not implicit:
         return prepared, split
     parts = [prepared.splits[name] for name in ("train", "val", "test") if name in prepared.splits]
+    rows = [
+        (p, int(y), d)
+        for s in parts
+        for p, y, d in zip(s.paths, s.labels, s.digests, strict=True)
+        if not (implicit and d in seen)
+    ]
     whole = Split(
-        paths=[p for s in parts for p in s.paths],
-        labels=np.concatenate([s.labels for s in parts]),
-        digests=[d for s in parts for d in s.digests],
+        paths=[p for p, _, _ in rows],
+        labels=np.array([y for _, y, _ in rows], dtype=np.int64),
+        digests=[d for _, _, d in rows],
     )
+    left_out = sum(len(s) for s in parts) - len(whole)
+    trained_on = f"{left_out} image(s) the model was trained or validated on (same content)"
+    if not len(whole):
+        raise TransferlabError(
+            f"{data}: every usable image is one the model was trained or validated on "
+            f"({left_out}): nothing held out to score; pass a folder of new images"
+        )
     counts = ", ".join(f"{c} {int((whole.labels == i).sum())}" for i, c in enumerate(classes))
-    why = " (it has no split folders)" if unsplit and split != "all" else ""
-    info(f"{data}: scoring all {len(whole)} usable images{why}: {counts}")
+    why = " (it has no split folders)" if implicit else ""
+    held_out = f"; left out {trained_on}" if left_out else ""
+    info(f"{data}: scoring all {len(whole)} usable images{why}{held_out}: {counts}")
     return replace(prepared, splits={"all": whole}), "all"
