@@ -87,6 +87,33 @@ def test_fit_features_evaluates_saves_and_loads(split_data, tmp_path):
         assert torch.equal(loaded.net.body(x), clf.net.body.eval()(x))
 
 
+def test_save_keeps_runs_apart_unless_told_to_replace_one_whole(split_data, tmp_path):
+    run = tmp_path / "run"
+    _fit(split_data, tmp_path, out=run)
+    loaded = transferlab.load(run)
+    loaded.save(run)  # where it was loaded from: in place, and its lazy body still builds
+    assert loaded.net.body is not None and transferlab.load(run).classes == loaded.classes
+
+    other = tmp_path / "other"
+    _fit(split_data, tmp_path, out=other, head="mlp")
+    (other / "stale.csv").write_text("an old run's file\n")
+    with pytest.raises(TransferlabError, match="holds a run already"):
+        loaded.save(other)
+    assert json.loads((other / "model.json").read_text())["head"]["kind"] == "mlp"
+    loaded.save(other, overwrite=True)
+    assert not (other / "stale.csv").exists() and not (tmp_path / "other.partial").exists()
+    assert json.loads((other / "model.json").read_text())["head"]["kind"] == "linear"
+    assert transferlab.load(other).predict_proba([split_data / "test"]).shape[1] == 2
+
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("keep me\n")
+    with pytest.raises(TransferlabError, match="holds other files"):
+        loaded.save(tmp_path / "notes", overwrite=True)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(TransferlabError, match="is a file"):
+        loaded.save(tmp_path / "a_file")
+
+
 def test_a_lazy_body_asked_for_by_many_threads_at_once_is_built_once(tmp_path):
     import threading
     import time

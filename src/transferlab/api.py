@@ -8,6 +8,7 @@ DATA → discover (index of path/label/split) → scan (digest + decode check, l
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -126,7 +127,7 @@ def _fit(
     if work is not None and out_path is not None and is_rank_zero():
         if auto is not None:
             write_json(work / AUTO_FILE, auto)  # sealed with the run by the save below
-        clf.run_dir = finish_run(work, out_path, clf.save)
+        clf.run_dir = finish_run(work, out_path, clf._write)
     finish_fit(clf, out_path)  # --track mlflow
     return clf
 
@@ -279,9 +280,25 @@ class Classifier(ClassifierViews):
             rows.append(probs)
         return np.stack(rows) if rows else np.zeros((0, len(self.classes)), np.float32)
 
-    def save(self, out: str | os.PathLike) -> Path:
-        """Write the run folder: model, records, provenance.json, and files.json last."""
+    def save(self, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the run folder ``out``: model, records, provenance.json, and files.json last.
+
+        The folder this model was loaded from (or last saved to) is updated in place. Any other
+        folder holding a run (or other files) is refused unless ``overwrite``, which replaces it
+        whole: the new run is built beside it (``OUT.partial``) and swapped in at the end, so no
+        file of the old run (its report, its predictions) is left beside the new model.
+        """
         out = Path(out)
+        if self.run_dir is not None and out.is_dir() and out.samefile(self.run_dir):
+            return self._write(out)
+        check_out_folder(out, replace=overwrite)
+        work = partial_dir(out)
+        shutil.rmtree(work, ignore_errors=True)  # check_out_folder vouched it is ours
+        work.mkdir(parents=True)
+        self.run_dir = finish_run(work, out, self._write)
+        return self.run_dir
+
+    def _write(self, out: Path) -> Path:
         self.saved.save(out, seal=False)
         if self.metrics:
             write_json(out / METRICS_FILE, self.metrics)

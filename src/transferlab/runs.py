@@ -257,7 +257,11 @@ class SavedModel:
         out.mkdir(parents=True, exist_ok=True)
         unseal_run(out)  # a save that stops midway must not leave a seal over mixed files
         if isinstance(self._net, LazyNet):  # the body's weights are a file already
-            atomic_copy(self._net.body_file, out / BODY_FILE)
+            target = out / BODY_FILE
+            # Onto itself (a run saved where it was loaded from) a copy would give the file a
+            # new identity, and the lazy body would then refuse it as replaced.
+            if not (target.exists() and target.samefile(self._net.body_file)):
+                atomic_copy(self._net.body_file, target)
         else:
             save_tensors(self._net.body.state_dict(), out / BODY_FILE)
         save_tensors(self._net.head.state_dict(), out / HEAD_FILE)
