@@ -263,6 +263,13 @@ def test_failed_tensor_write_leaves_nothing(tmp_path: Path, monkeypatch) -> None
     assert list(tmp_path.iterdir()) == []
 
 
+def test_weights_are_as_readable_as_the_json_beside_them(tmp_path: Path) -> None:
+    """safetensors writes 0600 files: a run's weights (and a cache's backbone cards) must still
+    be readable by whoever can read its model.json, e.g. a server running as another user."""
+    save_tensors({"w": torch.zeros(2)}, tmp_path / "head.safetensors")
+    assert (tmp_path / "head.safetensors").stat().st_mode & 0o777 == 0o644
+
+
 def test_unwritable_folder_is_one_error(tmp_path: Path) -> None:
     missing = tmp_path / "no" / "such" / "dir" / "metrics.json"
     with pytest.raises(TransferlabError, match="metrics.json: cannot write"):

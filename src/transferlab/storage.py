@@ -172,6 +172,10 @@ def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
     tmp = _tmp_sibling(path)
     with _write_guard(path, tmp):
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        # safetensors creates its files 0600: weights beside a 0644 model.json that another
+        # user (a serving container) cannot read, as in a shared cache.
+        with contextlib.suppress(OSError):
+            os.chmod(tmp, 0o644)
         os.replace(tmp, path)
 
 
