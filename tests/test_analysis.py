@@ -126,6 +126,22 @@ def test_out_of_fold_head_finds_flipped_labels():
     assert all(r["label"] != r["predicted"] and r["p_pred"] >= 0.8 for r in rows)
 
 
+def test_the_only_image_of_a_class_is_left_unjudged_not_fatal():
+    """A class with one training image cannot be held out: that image trains in every fold
+    and is not judged (NaN), while the others still are and a flipped label is still found."""
+    rng = np.random.default_rng(2)
+    x = np.concatenate(
+        [rng.normal(-2, 1, (20, 8)), rng.normal(2, 1, (20, 8)), rng.normal(0, 1, (1, 8))]
+    )
+    y = np.repeat([0, 1, 2], [20, 20, 1])
+    y[5] = 1  # a flipped label
+    probs = out_of_fold_probs(x, y, num_classes=3, folds=5, seed=0)
+    assert np.isnan(probs[40]).all() and np.isfinite(probs[:40]).all()
+    rows = suspect_labels(probs, y, [f"{i}.jpg" for i in range(41)], k=5, min_confidence=0.6)
+    assert [r["index"] for r in rows] == [5]
+    assert np.isnan(out_of_fold_probs(x[:2], np.array([0, 1]), num_classes=2)).all()
+
+
 def test_suspect_labels_respect_the_confidence_floor():
     probs = np.array([[0.3, 0.7], [0.1, 0.9], [0.45, 0.55], [0.8, 0.2]])
     y = np.array([0, 0, 0, 0])

@@ -167,20 +167,23 @@ def out_of_fold_probs(
     A head scored on its own training images is overconfident exactly where labels are wrong
     (it memorises them); predicting each fold with a head fitted on the others avoids that.
     ``l2`` fixes the strength (default :data:`transferlab.heads.DEFAULT_L2`) so each fold is one
-    L-BFGS fit, not a grid search.
+    L-BFGS fit, not a grid search. The only member of a class cannot be held out (the heads
+    would know no example of its class): it trains in every fold and its row is NaN, unjudged.
     """
     x = np.asarray(features, dtype=np.float32)
     y = np.asarray(y, dtype=np.int64)
     c = int(num_classes if num_classes is not None else y.max() + 1)
     counts = np.bincount(y, minlength=c)
+    out = np.full((len(y), c), np.nan)
+    if not (counts >= 2).any():
+        return out
     # no more folds than the rarest class has members, or some fold would lack that class
-    folds = max(2, min(int(folds), int(counts[counts > 0].min())))
+    folds = max(2, min(int(folds), int(counts[counts >= 2].min())))
     rng = np.random.default_rng(seed)
-    fold_of = np.empty(len(y), dtype=np.int64)
-    for cls in range(c):  # stratified: each class spread evenly over the folds
+    fold_of = np.full(len(y), -1, dtype=np.int64)  # -1: never held out
+    for cls in np.flatnonzero(counts >= 2):  # stratified: each class spread over the folds
         members = rng.permutation(np.flatnonzero(y == cls))
         fold_of[members] = np.arange(len(members)) % folds
-    out = np.zeros((len(y), c), dtype=np.float64)
     for f in range(folds):
         held = fold_of == f
         head = fit_head(
@@ -248,8 +251,10 @@ def suspect_labels(
     given label first. Entries as in :func:`top_losses`.
     """
     probs = np.asarray(probs, dtype=np.float64)
+    judged = np.isfinite(probs).all(axis=1)  # NaN rows: the only image of their class
+    probs = np.where(judged[:, None], probs, 0.0)
     pred = probs.argmax(axis=1)
     conf = probs.max(axis=1)
-    keep = (pred != np.asarray(y)) & (conf >= min_confidence)
+    keep = judged & (pred != np.asarray(y)) & (conf >= min_confidence)
     rows = top_losses(probs, y, paths, k=len(y), classes=classes, only_wrong=True)
     return [r for r in rows if keep[r["index"]]][: max(0, int(k))]

@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from transferlab.data.prepared import Split
 from transferlab.errors import TransferlabError
 from transferlab.evaluation import analysis
@@ -69,4 +71,5 @@ def suspects_section(ctx: RunContext, k: int, max_rows: int = SUSPECT_ROWS) -> d
     return {
         "items": _gallery(found),
         "sampled": {"n": len(sample), "of": len(train), "seed": _SEED} if sampled else None,
+        "unjudged": int((~np.isfinite(probs).all(axis=1)).sum()),
     }
