@@ -53,6 +53,22 @@ def test_per_class_counts_and_source_untouched(tmp_path: Path) -> None:
     assert _snapshot(src) == before
 
 
+def test_unusable_files_are_reported_and_never_placed(tmp_path: Path, caplog) -> None:
+    """A file fit would skip is not copied into a split: the counts asked for are the images
+    fit trains on."""
+    src = _raw(tmp_path / "raw", {"cat": 6, "dog": 6})
+    (src / "cat" / "fake.jpg").write_text("not an image")
+    good = (src / "dog" / "dog.0.png").read_bytes()
+    (src / "dog" / "truncated.png").write_bytes(good[: len(good) // 2])
+    with caplog.at_level(logging.WARNING):
+        counts = split_folder(src, tmp_path / "out", fractions=[0.5, 0.5])
+    assert counts == {"train": {"cat": 3, "dog": 3}, "val": {"cat": 3, "dog": 3}}
+    placed = {p.name for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    assert len(placed) == 12 and not placed & {"fake.jpg", "truncated.png"}
+    assert "skipped 2 unusable file(s)" in caplog.text
+    assert "fake.jpg" in caplog.text and "truncated.png" in caplog.text
+
+
 def test_manifest_procedure_and_seed(tmp_path: Path) -> None:
     src = _raw(tmp_path / "raw", {"cat": 12, "dog": 4})
     split_folder(src, tmp_path / "a", per_class=[2, 1, 1], seed=42)

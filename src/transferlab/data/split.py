@@ -20,7 +20,9 @@ from pathlib import Path
 
 from transferlab.data.discover import seeded_order
 from transferlab.data.layouts import SPLITS, list_labelled
+from transferlab.data.scan import scan_files
 from transferlab.errors import TransferlabError
+from transferlab.progress import progress
 from transferlab.storage import printable_path
 
 __all__ = ["split_folder"]
@@ -58,9 +60,17 @@ def split_folder(
     found = list_labelled(src_root, label_regex=label_regex)
     for problem in found.problems:
         log.warning("%s", problem)
+    # Only images fit can use are placed, so the counts asked for are the counts fit trains on.
+    paths = [path for path, _, _ in found.items]
+    with progress(len(paths), "checking images") as advance:
+        failures = dict(scan_files(paths, on_progress=advance).failures)
+    if failures:
+        lines = "".join(f"\n  {printable_path(paths[i])}: {why}" for i, why in failures.items())
+        log.warning("skipped %d unusable file(s), not placed in any split:%s", len(failures), lines)
     pools: dict[str, list[str]] = defaultdict(list)
-    for path, label, _ in found.items:
-        pools[label].append(path)
+    for i, (path, label, _) in enumerate(found.items):
+        if i not in failures:
+            pools[label].append(path)
     base = os.path.dirname(found.root) if found.layout == "csv" else found.root
     splits = SPLITS[: len(sizes)]
 
