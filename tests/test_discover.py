@@ -232,6 +232,15 @@ def test_folder_without_images(tmp_path: Path) -> None:
         discover(tmp_path / "docs")
 
 
+def test_a_class_named_like_a_split_says_why_it_fails(tmp_path: Path) -> None:
+    root = _class_folders(tmp_path / "vehicles", {"bus": 3, "car": 3, "train": 3})
+    with pytest.raises(TransferlabError) as err:
+        discover(root)
+    message = str(err.value)
+    assert "train holds images, not class folders" in message
+    assert "beside bus, car" in message and "CSV" in message
+
+
 def test_single_class(tmp_path: Path) -> None:
     root = _class_folders(tmp_path / "raw", {"only": 5})
     with pytest.raises(TransferlabError, match=r"only one class 'only' \(5 images\).*at least two"):

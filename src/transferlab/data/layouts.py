@@ -123,20 +123,31 @@ def _scan_split_folders(
             problems.append(f"ignored folder (not train/val/test): {d}")
     _report_loose_files(files, problems, "image outside a split folder")
     items: list[Item] = []
+    loose_images = 0
     for split in SPLITS:
         if split not in splits:
             continue
         class_dirs, loose = _list_dir(splits[split], problems)
         _report_loose_files(loose, problems, "image outside a class folder")
+        loose_images += len(loose)
         for d in class_dirs:
             images = _walk_images(d, problems)
             if not images:
                 problems.append(f"ignored folder with no images: {d}")
             items += [(p, os.path.basename(d), split) for p in images]
     if not items:
+        others = sorted(os.path.basename(d) for d in dirs if d not in splits.values())
+        hint = ""
+        if loose_images and others:  # root/{bus,car,train}/: a class named like a split
+            names = ", ".join(os.path.basename(d) for d in splits.values())
+            hint = (
+                f"; {names} holds images, not class folders: if it is a class beside "
+                f"{', '.join(others)}, rename it (a class folder cannot be named train, val or "
+                "test) or list the images in a CSV of path,label"
+            )
         raise TransferlabError(
             f"{root}: no images found in {', '.join(sorted(splits.values()))}; "
-            "expected root/train/<class>/<image files>"
+            f"expected root/train/<class>/<image files>{hint}"
         )
     return LabelledFiles(root, "split_folders", items, problems)
 
