@@ -16,7 +16,7 @@ from transferlab.backbones.identity import short_name
 from transferlab.cli import app
 from transferlab.errors import TransferlabError
 from transferlab.heads import L2_GRID
-from transferlab.selection.probe import cv_linear_probe, stratified_folds
+from transferlab.selection.probe import check_folds, cv_linear_probe, stratified_folds
 from transferlab.selection.rank import rank
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -68,8 +68,10 @@ def test_cv_probe_tells_informative_features_from_noise():
     for r in (strong, chance):
         assert r.ci95[0] <= r.accuracy <= r.ci95[1] and r.n == 90 and len(r.fold_accuracies) == 5
         assert r.l2 in L2_GRID  # chosen on the grid fit uses, once
-    with pytest.raises(TransferlabError, match="lower --folds"):
+    with pytest.raises(TransferlabError, match=r"class #2 has 2 .*at least 3 per class"):
         cv_linear_probe(good[:8], np.array([0, 0, 0, 1, 1, 1, 2, 2]), num_classes=3, folds=3)
+    with pytest.raises(TransferlabError, match=r"class 'c' has 4 .*lower --folds to 4"):
+        check_folds(np.repeat([0, 1, 2], [5, 5, 4]), 5, 3, ["a", "b", "c"])
 
 
 def test_rank_scores_candidates_and_fit_reuses_the_cached_features(data, weights, tmp_path):

@@ -12,6 +12,7 @@ out-of-fold prediction, and its 95% interval is the Wilson interval of that coun
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,16 +48,26 @@ def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
     return folds
 
 
-def check_folds(labels: np.ndarray, folds: int, num_classes: int) -> None:
+def check_folds(
+    labels: np.ndarray, folds: int, num_classes: int, classes: Sequence[str] | None = None
+) -> None:
     """Every class needs a row in each fold (so each training part holds every class)."""
     if isinstance(folds, bool) or not isinstance(folds, int) or folds < 3:
         raise TransferlabError(f"--folds {folds!r}: give at least 3 (train, select L2, score)")
-    smallest = int(np.bincount(np.asarray(labels), minlength=num_classes).min())
-    if smallest < folds:
-        raise TransferlabError(
-            f"the smallest class has {smallest} train+val image(s), fewer than --folds {folds}; "
-            "lower --folds (3 at least) or add images"
-        )
+    counts = np.bincount(np.asarray(labels), minlength=num_classes)
+    rarest = int(counts.argmin())
+    smallest = int(counts[rarest])
+    if smallest >= folds:
+        return
+    name = repr(classes[rarest]) if classes is not None else f"#{rarest}"
+    way_out = (
+        f"lower --folds to {smallest} or add images to it"
+        if smallest >= 3
+        else "the probe needs at least 3 per class (one in each of 3 folds): add images to it"
+    )
+    raise TransferlabError(
+        f"class {name} has {smallest} train+val image(s), fewer than --folds {folds}; {way_out}"
+    )
 
 
 def cv_linear_probe(

@@ -130,7 +130,8 @@ def rank(
         t0 = time.perf_counter()
         prepared = prepared or prepare_data(data, cfg)
         rows = [prepared.splits[n].labels for n in ("train", "val") if n in prepared.splits]
-        check_folds(np.concatenate(rows), folds, len(prepared.classes))  # before any extraction
+        # before any extraction
+        check_folds(np.concatenate(rows), folds, len(prepared.classes), prepared.classes)
         scored = [_score(spec, prepared, cfg, folds) for spec in specs]
         scored.sort(key=lambda c: -c.logme)
         result = RankResult(
