@@ -225,6 +225,17 @@ def test_api_predict_goes_through_the_engine(clf, photos):
             assert lab == r["label"]
 
 
+def test_a_ranking_of_fewer_than_one_label_is_refused_not_read_as_one(clf, photos, tmp_path):
+    rows = [r for r in clf.predict(photos, top_k=99) if "error" not in r]
+    assert rows and all(len(r["top_k"]) == len(clf.classes) for r in rows)  # at most C
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(TransferlabError, match="whole number >= 1"):
+            clf.predict(photos, top_k=bad)
+    with pytest.raises(TransferlabError, match="whole number >= 1"):
+        _engine(clf).run(photos, tmp_path / "out.csv", top_k=0)
+    assert not (tmp_path / "out.csv").exists()
+
+
 def test_predict_images_accepts_bytes_pil_and_arrays(clf, photos):
     engine = _engine(clf)
     path = photos / "d1" / "sub" / "red1.jpg"

@@ -260,8 +260,9 @@ class Classifier(ClassifierViews):
         DataFrame, one row per input. Every input is decoded and preprocessed as files are.
         """
         from transferlab.predict.inputs import is_single
-        from transferlab.predict.results import Predictions, make_result, to_frame
+        from transferlab.predict.results import Predictions, make_result, ranked_count, to_frame
 
+        ranked_count(top_k, len(self.classes))  # a bad top_k fails before any image is read
         preds = Predictions(
             make_result(src, probs, err, self.classes, top_k)
             for src, probs, err in self.iter_predict(x, batch_size=batch_size)

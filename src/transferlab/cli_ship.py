@@ -128,8 +128,9 @@ def _quiet(path: str, reason: str) -> None:
 
 def _print_table(engine: Any, sources: list[str], top_k: int) -> None:
     from transferlab.predict import print_error
+    from transferlab.predict.results import ranked_count
 
-    k = max(1, min(top_k, len(engine.classes)))
+    k = ranked_count(top_k, len(engine.classes))
     table = Table()
     table.add_column("image")
     table.add_column("label")

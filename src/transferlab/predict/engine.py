@@ -23,6 +23,7 @@ from transferlab.predict.output import (
     print_error,
     resolve_format,
 )
+from transferlab.predict.results import ranked_count, ranking
 from transferlab.predict.sources import Sources, chunks, iter_sources
 
 if TYPE_CHECKING:
@@ -186,10 +187,8 @@ class PredictionEngine:
         return self.classes[i], p
 
     def top_k(self, probs: np.ndarray, k: int) -> list[tuple[str, float]]:
-        """The ``k`` most probable classes (clamped to 1..C), most probable first."""
-        k = max(1, min(int(k), len(self.classes)))
-        order = np.argsort(-probs, kind="stable")[:k]
-        return [(self.classes[i], float(probs[i])) for i in order]
+        """The ``k`` most probable classes (at most C), most probable first."""
+        return ranking(probs, self.classes, k)
 
     def row(self, pred: Prediction, top_k: int = 1) -> dict[str, Any]:
         """The JSON-able result of one source (``error`` instead of labels when unreadable)."""
@@ -254,7 +253,7 @@ class PredictionEngine:
         """
         path = Path(output) if output is not None else None
         fmt = resolve_format(path, fmt)
-        k = max(1, min(int(top_k), len(self.classes)))
+        k = ranked_count(top_k, len(self.classes))
         done = already_done(path, fmt, k, resume=resume, overwrite=overwrite)
         report = on_error or print_error
         summary = RunSummary(resumed=len(done), output=str(path) if path else None)

@@ -3,7 +3,7 @@ both as a pandas DataFrame (one row per input: source, label, probability, top-k
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,7 +11,7 @@ import numpy as np
 
 from transferlab.errors import TransferlabError
 
-__all__ = ["ImagePrediction", "Predictions", "make_result", "to_frame"]
+__all__ = ["ImagePrediction", "Predictions", "make_result", "ranked_count", "ranking", "to_frame"]
 
 # The mapping keys of the list-of-dicts results this replaced; older callers index by them.
 _KEYS = ("path", "label", "probability", "top_k", "error")
@@ -100,7 +100,19 @@ def make_result(source: str, probs: np.ndarray | None, error: str | None, classe
     """The typed result of one input (``probs`` in ``classes`` order, or None with ``error``)."""
     if probs is None:
         return ImagePrediction(source, error=error or "unreadable")
-    k = max(1, min(int(top_k), len(classes)))
-    order = np.argsort(-probs, kind="stable")[:k]
-    ranking = [(classes[i], float(probs[i])) for i in order]
-    return ImagePrediction(source, ranking[0][0], ranking[0][1], ranking, probs)
+    ranked = ranking(probs, classes, top_k)
+    return ImagePrediction(source, ranked[0][0], ranked[0][1], ranked, probs)
+
+
+def ranked_count(top_k: int, num_classes: int) -> int:
+    """How many ranked labels ``top_k`` gives: at most the number of classes; below 1 (or not
+    a whole number) is an error rather than a silent 1."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int | np.integer) or top_k < 1:
+        raise TransferlabError(f"top_k (--top-k) takes a whole number >= 1, not {top_k!r}")
+    return min(int(top_k), num_classes)
+
+
+def ranking(probs: np.ndarray, classes: Sequence[str], top_k: int) -> list[tuple[str, float]]:
+    """The ``top_k`` most probable classes (see :func:`ranked_count`), most probable first."""
+    order = np.argsort(-probs, kind="stable")[: ranked_count(top_k, len(classes))]
+    return [(classes[i], float(probs[i])) for i in order]
