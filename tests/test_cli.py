@@ -7,6 +7,7 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -149,6 +150,12 @@ def test_ctrl_c_says_how_to_resume_and_resume_finishes(tiny_dataset, tmp_path):
     # nothing half-written in OUT: the run waits in OUT.partial, marked, with its checkpoints
     run, partial = tmp_path / "run", tmp_path / "run.partial"
     assert not run.exists() and (partial / "incomplete.json").is_file()
+    # the SLURM example's requeue check finds this checkpoint, and so passes --resume
+    sbatch = Path(__file__).parents[1] / "examples" / "slurm.sbatch"
+    test = next(line for line in sbatch.read_text().splitlines() if 'last.ckpt" ]]' in line)
+    check = subprocess.run(["bash", "-c", f"RUN={run}; {test} echo resume; fi"],
+                           capture_output=True, text=True)  # fmt: skip
+    assert check.stdout.strip() == "resume", (test, check.stderr)
     # every command that meets it says how to resume; a plain re-run is refused, not started over
     for command in (["predict", run, tiny_dataset], ["evaluate", partial, tiny_dataset], args):
         r = tl(*command)

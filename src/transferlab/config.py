@@ -115,7 +115,9 @@ class FitConfig:
     num_nodes: int | None = _opt(None, "Lightning nodes (default: the SLURM job's, else 1).")
     precision: str = _opt("32-true", "32-true | bf16-mixed | 16-mixed")
     deterministic: bool = _opt(True, "Reproducible kernels and data order.")
-    resume: bool = _opt(False, "Continue from OUT/checkpoints/last.ckpt.")
+    resume: bool = _opt(
+        False, "Continue an interrupted run from OUT.partial/checkpoints/last.ckpt."
+    )
     overwrite: bool = _opt(False, "Replace the run already in OUT (else it is refused).")
     track: str | None = _opt(None, "Log the run to an experiment tracker: mlflow.")
 
