@@ -132,12 +132,13 @@ def _recalled_head(
 def _streamed(
     ctx: StrategyContext, split: Split, name: str, *, stats: bool = True
 ) -> Iterator[np.ndarray]:
-    """``split``'s cached features a chunk at a time; with ``stats``, the progress and the
+    """``split``'s cached features a chunk at a time; with ``stats``, a progress line and the
     extraction record ``split_features`` makes (a second pass shows neither); raises _Miss at
-    the first uncached image."""
+    the first uncached image. Its line says "cached": when the head must be fitted after all,
+    split_features reads the split again under its own line."""
     _, ex = ctx.pretrained()
     t0 = time.perf_counter()
-    with progress(len(split) if stats else 0, f"features [{name}]") as advance:
+    with progress(len(split) if stats else 0, f"cached features [{name}]") as advance:
         for chunk in ex.cached_chunks(split.digests):
             if chunk is None:
                 raise _Miss
