@@ -34,6 +34,18 @@ def test_explain_and_convolve(tmp_path):
         with Image.open(p) as im:
             im.load()
             assert im.width > 100 and im.height > 100
+    # a folder is explained image by image, like predict takes it; two images with the same
+    # name in different folders get their own files (CAM and feature maps alike)
+    shots = tmp_path / "shots"
+    for cls in ("red", "blue"):
+        (shots / cls).mkdir(parents=True)
+        (shots / cls / "1.jpg").write_bytes((data / "val" / cls / f"{cls}.0.jpg").read_bytes())
+    r = runner.invoke(app, ["explain", str(run), str(shots), "--out", str(tmp_path / "fo")])
+    assert r.exit_code == 0, r.output
+    names = {p.name for p in (tmp_path / "fo").iterdir()}
+    assert {"1_gradcam.png", "1_1_gradcam.png", "1_feature_maps.png", "1_1_feature_maps.png"} <= (
+        names
+    )
     # Grad-CAM proper on request; the PNG differs from the default (HiResCAM) one.
     r = runner.invoke(
         app, ["explain", str(run), str(img), "--out", str(tmp_path / "gc"), "--method", "gradcam"]

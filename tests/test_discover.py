@@ -232,6 +232,16 @@ def test_folder_without_images(tmp_path: Path) -> None:
         discover(tmp_path / "docs")
 
 
+def test_jfif_and_jpe_files_are_jpegs_too(tmp_path: Path) -> None:
+    root = _class_folders(tmp_path / "raw", {"cat": 3, "dog": 3}, ext=".jpg")
+    for i, ext in enumerate((".jfif", ".jpe")):
+        (root / "cat" / f"cat.{i}.jpg").rename(root / "cat" / f"cat.{i}{ext}")
+    index = discover(root)
+    assert sorted(Path(s.path).suffix for s in index.samples if s.label == "cat") == [
+        ".jfif", ".jpe", ".jpg"
+    ]  # fmt: skip
+
+
 def test_a_class_named_like_a_split_says_why_it_fails(tmp_path: Path) -> None:
     root = _class_folders(tmp_path / "vehicles", {"bus": 3, "car": 3, "train": 3})
     with pytest.raises(TransferlabError) as err:

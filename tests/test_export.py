@@ -150,6 +150,12 @@ def test_bad_requests_are_user_errors(run_dir, tmp_path):
         export_model(run_dir, "onnx", tmp_path / "m.onnx", quantize="int4")
     with pytest.raises(TransferlabError, match="onnx"):
         export_model(run_dir, "torchscript", tmp_path / "m.pt", quantize="int8")
+    # a name that predict/evaluate/serve would read as the other format
+    with pytest.raises(TransferlabError, match="torchscript needs another name, e.g. model.pt"):
+        export_model(run_dir, "torchscript", tmp_path / "m.onnx")
+    with pytest.raises(TransferlabError, match="onnx needs a name ending in .onnx"):
+        export_model(run_dir, "onnx", tmp_path / "m.pt")
+    assert not list(tmp_path.glob("m.*"))
 
 
 def test_cli_export_prints_parity_and_writes_report(run_dir, tmp_path):

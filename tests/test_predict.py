@@ -236,6 +236,14 @@ def test_a_ranking_of_fewer_than_one_label_is_refused_not_read_as_one(clf, photo
     assert not (tmp_path / "out.csv").exists()
 
 
+def test_a_format_that_contradicts_the_file_name_is_refused(clf, photos, tmp_path):
+    with pytest.raises(TransferlabError, match="name says json but the format asked for is csv"):
+        _engine(clf).run(photos, tmp_path / "x.json", fmt="csv")
+    assert not (tmp_path / "x.json").exists()
+    _engine(clf).run(photos, tmp_path / "y.json", fmt="json")
+    assert json.loads((tmp_path / "y.json").read_text())
+
+
 def test_predict_images_accepts_bytes_pil_and_arrays(clf, photos):
     engine = _engine(clf)
     path = photos / "d1" / "sub" / "red1.jpg"

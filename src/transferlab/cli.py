@@ -333,7 +333,9 @@ def lr_find(
 @app.command("augment-preview")
 def augment_preview(
     image: Path = typer.Argument(..., help="One image."),
-    preset: str = typer.Option("tutorial", help="none | tutorial | light | strong"),
+    preset: str = typer.Option(
+        "tutorial", "--augment", "--preset", help="none | tutorial | light | strong"
+    ),
     n: int = typer.Option(5, "-n", "--n", help="How many augmented views."),
     out: Path = typer.Option(Path("augment_preview.png"), "--out", "-o"),
     backbone: str = typer.Option(DEFAULT_BACKBONE, help="Its preprocessing sets size and crop."),
@@ -351,7 +353,7 @@ def augment_preview(
 @app.command()
 def explain(
     run: Path = typer.Argument(..., help="A run folder written by `fit`."),
-    images: list[Path] = typer.Argument(..., help="Images to explain."),
+    images: list[str] = typer.Argument(..., help="Image files, folders (recursive) or globs."),
     out: Path = typer.Option(Path("explain"), "--out", "-o", help="Folder for the PNG files."),
     target_class: str | None = typer.Option(None, help="Class to explain (default: predicted)."),
     layer: str | None = typer.Option(
@@ -363,9 +365,13 @@ def explain(
     """Class activation maps (HiResCAM/Grad-CAM); feature maps; bottleneck; first-layer filters."""
     import transferlab
     from transferlab.evaluation.explain import explain_files
+    from transferlab.predict.sources import iter_sources
 
+    files = list(iter_sources(images))
+    if not files:
+        raise TransferlabError(f"{' '.join(images)}: no image files found")
     written = explain_files(
-        transferlab.load(run), images, out,
+        transferlab.load(run), files, out,
         target_class=target_class, layer=layer, method=method, maps=maps,
     )  # fmt: skip
     for w in written:

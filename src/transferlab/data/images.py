@@ -39,7 +39,8 @@ MAX_PIXELS = 89_478_485
 
 #: Lower-case file extensions treated as images when scanning folders.
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+    | {".ppm", ".pgm"}
 )
 
 UPLOAD_NAME = "<upload>"

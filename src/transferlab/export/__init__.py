@@ -86,9 +86,9 @@ def export_model(
     test split measures) or, without it, from the run's recorded dataset when still on disk.
     ``threads``: ONNX Runtime threads for the checks and timings (default: all usable CPUs).
     """
-    _check_request(fmt, quantize)
-    clf, run_dir = _classifier(run_or_classifier)
     out = Path(out)
+    _check_request(fmt, quantize, out)
+    clf, run_dir = _classifier(run_or_classifier)
     out.parent.mkdir(parents=True, exist_ok=True)
     job = _prepare(clf, fmt, ImageSource(clf, run_dir, data), threads, log)
     report: dict[str, Any] = {
@@ -112,9 +112,16 @@ def export_model(
     return report
 
 
-def _check_request(fmt: str, quantize: str | None) -> None:
+def _check_request(fmt: str, quantize: str | None, out: Path) -> None:
     if fmt not in EXPORT_FORMATS:
         raise TransferlabError(f"--format {fmt!r} is not one of: {', '.join(EXPORT_FORMATS)}")
+    # predict, evaluate and serve tell an ONNX export from a run folder by its .onnx name
+    if (out.suffix.lower() == ".onnx") != (fmt == "onnx"):
+        right = "a name ending in .onnx" if fmt == "onnx" else "another name, e.g. model.pt"
+        raise TransferlabError(
+            f"--out {out}: --format {fmt} needs {right} (predict, evaluate and serve read any "
+            ".onnx file as ONNX); nothing written"
+        )
     if quantize not in (None, "int8"):
         raise TransferlabError(f"--quantize {quantize!r}: only 'int8' is supported")
     if quantize and fmt != "onnx":

@@ -21,13 +21,16 @@ FORMATS = ("csv", "jsonl", "json")
 
 
 def resolve_format(path: Path | None, fmt: str | None) -> str:
-    """``fmt``, or the one ``path``'s suffix names (jsonl without either)."""
-    if fmt is None:
-        if path is None:
-            return "jsonl"
-        fmt = path.suffix.lower().lstrip(".") or "jsonl"
-        if fmt == "ndjson":
-            fmt = "jsonl"
+    """``fmt``, or the one ``path``'s suffix names (jsonl without either); both, when they
+    name different formats, are an error rather than CSV in a file called .json."""
+    named = path.suffix.lower().lstrip(".") if path is not None else ""
+    named = "jsonl" if named == "ndjson" else named
+    if fmt is not None and named in FORMATS and named != fmt:
+        raise TransferlabError(
+            f"{path}: the name says {named} but the format asked for is {fmt}; "
+            f"name the file .{fmt} or drop --format"
+        )
+    fmt = fmt or named or "jsonl"
     if fmt not in FORMATS:
         raise TransferlabError(f"output format {fmt!r} is not one of: {', '.join(FORMATS)}")
     return fmt

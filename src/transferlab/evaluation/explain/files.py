@@ -49,9 +49,9 @@ def explain_files(
         target_class=target_class, target_layer=layer, method=method, input_size=pre.input_size,
     )  # fmt: skip
     if maps:
-        for path, arr in zip(images, arrays, strict=True):
+        for cam_file, arr in zip(list(written), arrays, strict=True):
             x = normalize(arr, pre.mean, pre.std)
-            stem = Path(path).stem
+            stem = cam_file.name.removesuffix("_gradcam.png")  # unique: a/1.jpg and b/1.jpg
             fm = feature_maps(net, x, input_size=pre.input_size)
             written.append(plot_feature_maps(fm, out / f"{stem}_feature_maps.png"))
             written.append(
