@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from transferlab.backbones import (
     Backbone,
     BackboneInfo,
+    at_input_size,
     create,
     create_backbone,
     hub,
@@ -507,3 +508,21 @@ def test_a_warm_features_fit_imports_neither_timm_torchvision_nor_dynamo(tmp_pat
         assert done.returncode == 0, done.stderr[-2000:]
         assert "timm" not in imported(done.stderr), command
     assert "test" in done.stdout and "accuracy" in done.stdout
+
+
+def test_pretrained_weights_see_inputs_at_8_7_of_their_size_unless_told(tmp_path):
+    """FixRes by default: a pretrained backbone's features (and fine-tuning) use 8/7 of its
+    native input size, crop share kept, so a 224 model sees 256 px; random weights keep theirs,
+    and --image-size wins. Each size is its own feature-cache identity."""
+    folder = make_local_dir(tmp_path / "tiny", size=56)
+    native = create_backbone(f"local-dir:{folder}", cache_dir=tmp_path / "cache")
+    default = at_input_size(native)
+    assert default.preprocess.input_size == (64, 64)
+    assert default.preprocess.crop_pct == native.preprocess.crop_pct
+    assert default.identity() != native.identity()
+    assert at_input_size(native, 56) is native
+    assert at_input_size(native, 96).preprocess.input_size == (96, 96)
+    random = create_backbone(f"local-dir:{folder}", pretrained=False)
+    assert at_input_size(random).preprocess.input_size == (56, 56)
+    wide = dataclasses.replace(native.preprocess, input_size=(224, 300))
+    assert wide.at_size(256).input_size == (256, 343)  # the shorter side, aspect kept

@@ -15,7 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import TINY_BACKBONE, make_image
-from transferlab.backbones import create_backbone
+from transferlab.backbones import at_input_size, create_backbone
 from transferlab.cache import FeatureCache
 from transferlab.cli import app
 from transferlab.config import FitConfig
@@ -172,7 +172,7 @@ def test_launched_ranks_leave_the_features_one_process_computes(launcher, tiny_d
     if launcher == "srun":  # each process is one rank of the job, not a launcher of its own
         assert "GLOBAL_RANK: 1, MEMBER: 2/2" in outputs[1] and "GLOBAL_RANK: 0" not in outputs[1]
 
-    bb = create_backbone(spec)
+    bb = at_input_size(create_backbone(spec))  # at the size fit uses, as extract computes them
     paths = sorted(str(p) for p in tiny_dataset.rglob("*.jpg"))
     digests = [file_digest(p) for p in paths]
     shared = FeatureExtractor(bb, cache=FeatureCache(cache), engine="torch", workers=0)

@@ -42,13 +42,16 @@ def extract(
     batch_size: int = typer.Option(32, help="Images per batch."),
     workers: int | None = typer.Option(None, help="Decode processes per rank (default: cores)."),
     max_pixels: int = typer.Option(89_478_485, help="Refuse larger images (bomb guard)."),
+    image_size: int | None = typer.Option(
+        None, help="Input size as fit's --image-size (default: fit's, so fit reuses them)."
+    ),
     part: str = typer.Option(
         "0/1", help="I/K: only the I-th (from 0) of K slices of the images, e.g. an array task's."
     ),
 ) -> None:
     """Compute and cache the backbone features of every image in DATA, each image once."""
     from transferlab.api import feature_extractor, seed_everything
-    from transferlab.backbones import create_backbone
+    from transferlab.backbones import at_input_size, create_backbone
     from transferlab.config import FitConfig
     from transferlab.data.prepared import prepare_data
     from transferlab.engine.shards import extract_sharded
@@ -61,13 +64,17 @@ def extract(
         backbone=backbone, pretrained=pretrained, engine=engine, devices=devices,
         accelerator=accelerator, dist_strategy=dist_strategy, batch_size=batch_size,
         workers=workers, max_pixels=max_pixels, cache_dir=str(cache_dir) if cache_dir else None,
+        image_size=image_size,
     ).validate()  # fmt: skip
     prepared = prepare_data(data, cfg)
     splits = prepared.splits.values()
     paths = [p for s in splits for p in s.paths]
     digests = [d for s in splits for d in s.digests]
     seed_everything(cfg.seed)  # a --no-pretrained backbone is the same one in every run and rank
-    backbone = create_backbone(cfg.backbone, pretrained=cfg.pretrained, cache_dir=cfg.cache_dir)
+    backbone = at_input_size(
+        create_backbone(cfg.backbone, pretrained=cfg.pretrained, cache_dir=cfg.cache_dir),
+        cfg.image_size,
+    )
     extractor = feature_extractor(backbone, cfg)
     report = extract_sharded(
         extractor, paths, digests, cfg, num_nodes=num_nodes, part=(index, count)

@@ -108,7 +108,11 @@ class FitConfig:
     lr_mult: float = _opt(1.0, "finetune: body LR multiplier (1: head and body at --lr, LP-FT).")
     gradual: bool = _opt(False, "finetune: unfreeze one more stage per epoch.")
     bn: str = _opt("frozen", "BatchNorm policy: frozen | train")
-    image_size: int | None = _opt(None, "Scratch CNN input size (tutorial: 150).")
+    image_size: int | None = _opt(
+        None,
+        "Input size (shorter side). Scratch CNNs: 150 (the tutorial's). Pretrained backbones: "
+        "8/7 of the size they were trained at (FixRes: 224 -> 256); give their own to match it.",
+    )
     accelerator: str = _opt("auto", "Lightning accelerator: auto (a GPU if any) | cpu | gpu | mps")
     devices: int | str = _opt(1, "Lightning devices: a count or 'auto'.")
     dist_strategy: str = _opt("auto", "Lightning strategy: auto | ddp | ddp_spawn")

@@ -7,7 +7,7 @@ predict-time and exported preprocessing can never drift apart.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 
@@ -34,6 +34,13 @@ class Preprocess:
             mean=tuple(float(v) for v in data_config["mean"]),
             std=tuple(float(v) for v in data_config["std"]),
         )
+
+    def at_size(self, short_side: int) -> Preprocess:
+        """The same preprocessing with the input's shorter side at ``short_side`` (aspect kept,
+        crop_pct kept: the crop shows the same share of the image, at more pixels)."""
+        h, w = self.input_size
+        scale = short_side / min(h, w)
+        return replace(self, input_size=(round(h * scale), round(w * scale)))
 
     @property
     def resize_size(self) -> tuple[int, int]:

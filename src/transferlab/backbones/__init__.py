@@ -13,13 +13,14 @@ feature cache and the ONNX export cache miss whenever any of it changes.
 - :mod:`~.stages`: a backbone's stages, stem first.
 """
 
-from transferlab.backbones.create import create_backbone, timm_body_recipe
+from transferlab.backbones.create import at_input_size, create_backbone, timm_body_recipe
 from transferlab.backbones.identity import Backbone
 from transferlab.backbones.listing import BackboneInfo, list_backbones, with_params
 from transferlab.backbones.stages import stage_modules
 
 __all__ = [
     "Backbone",
+    "at_input_size",
     "BackboneInfo",
     "create_backbone",
     "list_backbones",

@@ -72,6 +72,27 @@ def create_backbone(
     return _create_registry(spec, pretrained=pretrained)
 
 
+#: Pretrained weights see their inputs at 8/7 of the size they were trained at by default:
+#: trained on RandomResizedCrop, they saw objects larger than a centre crop at the same size
+#: shows them, and a larger test size undoes that (FixRes: Touvron et al., NeurIPS 2019). On the
+#: four shared ImageNet CNNs x cats / flowers / hymenoptera, the linear probe's val log loss fell
+#: in 11 of 12 cases at 8/7 (224 -> 256, 260 -> 296); MobileNetV2 on cats: test 97.7% -> 98.3%.
+TEST_SIZE_FACTOR = 8 / 7
+
+
+def at_input_size(backbone: Backbone, image_size: int | None = None) -> Backbone:
+    """``backbone`` with the input size its features and its fine-tuning use: ``image_size``
+    (the shorter side) when given, else for pretrained weights :data:`TEST_SIZE_FACTOR` times
+    their native size, rounded to a multiple of 8; random weights keep their native size."""
+    pre = backbone.preprocess
+    if image_size is None:
+        if not backbone.pretrained:
+            return backbone
+        image_size = 8 * round(min(pre.input_size) * TEST_SIZE_FACTOR / 8)
+    sized = pre.at_size(int(image_size))
+    return backbone if sized == pre else backbone.replace(preprocess=sized)
+
+
 def timm_body_recipe(spec: str, model: nn.Module) -> dict[str, Any]:
     """Architecture + constructor args needed to rebuild a timm body without its source folder."""
     arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")

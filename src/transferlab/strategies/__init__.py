@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from transferlab.backbones import create_backbone
+from transferlab.backbones import at_input_size, create_backbone
 from transferlab.config import AUTO, FitConfig
 from transferlab.data.prepared import PreparedData
 from transferlab.engine.shards import extract_sharded, wants_ranks
@@ -67,13 +67,9 @@ def _trained(
 
 _SCRATCH = _FINETUNE | _EXTRACTION | {"head"}
 STRATEGIES: dict[str, StrategySpec] = {
-    "features": StrategySpec(
-        features.run, needs_backbone=True, ignores=_END_TO_END | _FINETUNE | {"image_size"}
-    ),
-    "frozen": StrategySpec(
-        frozen.run, needs_backbone=True, ignores=_ENGINE | _FINETUNE | {"image_size"}
-    ),
-    "finetune": _trained(finetune.prepare, needs_backbone=True, ignores=frozenset({"image_size"})),
+    "features": StrategySpec(features.run, needs_backbone=True, ignores=_END_TO_END | _FINETUNE),
+    "frozen": StrategySpec(frozen.run, needs_backbone=True, ignores=_ENGINE | _FINETUNE),
+    "finetune": _trained(finetune.prepare, needs_backbone=True, ignores=frozenset()),
     "scratch-basic": _trained(
         scratch.prepare_basic, needs_backbone=False, ignores=_SCRATCH | {"backbone", "pretrained"}
     ),
@@ -114,9 +110,10 @@ def strategy_context(prepared: PreparedData, config: FitConfig, out: Path) -> St
     )
     if STRATEGIES[config.strategy].needs_backbone:
         t0 = time.perf_counter()
-        ctx.backbone = create_backbone(
+        native = create_backbone(
             config.backbone, pretrained=config.pretrained, cache_dir=config.cache_dir
         )
+        ctx.backbone = at_input_size(native, config.image_size)
         ctx.timings["backbone_s"] = time.perf_counter() - t0
         ctx.extractor = feature_extractor(ctx.backbone, config)
         if wants_ranks(config):
