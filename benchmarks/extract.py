@@ -9,8 +9,9 @@
 All three start from files on disk and end with a (n, D) feature matrix; the feature cache is
 bypassed. Then the engine's limit: its model-only rate (images already decoded in memory) and
 the end-to-end rate of ``FeatureExtractor`` (files → features in an empty cache), alternated
-``--reps`` times in this run, and their ratio (the medians). Last, a cold `fit` (empty cache,
-export included) and a warm re-fit are timed.
+``--reps`` times in this run, and their ratio (the medians). All of these run at the backbone's
+native input size (224 for MobileNetV2). Last, a cold `fit` (empty cache, export included) and a
+warm re-fit are timed as a user runs them: at fit's default size (8/7 of native: 256).
 """
 
 from __future__ import annotations
