@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
 import transferlab
 from conftest import tiny_fit_options
 from transferlab.errors import TransferlabError
+from transferlab.selection.auto import _parsimonious
 
 
 def test_auto_within_a_small_budget_keeps_the_features_head(tiny_dataset, tmp_path):
@@ -49,8 +51,14 @@ def test_auto_tries_finetuning_when_the_budget_allows_and_keeps_the_better(tiny_
         for r in sorted((rows["features"], rows["finetune"]),
                         key=lambda r: (r["val_accuracy"], -r["val_log_loss"]), reverse=True)
     ]  # fmt: skip
-    single = max((rows["features"], rows["finetune"]),
-                 key=lambda r: (r["val_accuracy"], -r["val_log_loss"]))  # fmt: skip
+    best = max((rows["features"], rows["finetune"]),
+               key=lambda r: (r["val_accuracy"], -r["val_log_loss"]))  # fmt: skip
+    # one backbone: the features head is the cheaper, kept when within one s.e. of the best
+    n_val = clf.metrics["val"]["n"]
+    se = math.sqrt(best["val_accuracy"] * (1 - best["val_accuracy"]) / n_val)
+    single = (
+        rows["features"] if rows["features"]["val_accuracy"] >= best["val_accuracy"] - se else best
+    )
     kept = rows["ensemble"]["reason"].startswith("kept")
     best = rows["ensemble"] if kept else single
     assert auto["chosen"]["strategy"] == best["strategy"] == clf.saved.strategy
@@ -61,3 +69,21 @@ def test_a_bad_budget_is_refused_before_any_work(tiny_dataset, tmp_path):
     with pytest.raises(TransferlabError, match="time_budget"):
         transferlab.fit(tiny_dataset, strategy="auto", time_budget="soon",
                         **tiny_fit_options(tmp_path))  # fmt: skip
+
+
+def test_the_cheapest_model_within_one_standard_error_of_the_best_is_kept():
+    """90/100 vs 88/100 on val is noise (s.e. 0.03): the faster backbone's features head wins;
+    a lead beyond one s.e. (90 vs 80) keeps the best; no val split keeps the best."""
+
+    def row(strategy, backbone, acc, nll):
+        return object(), {"strategy": strategy, "backbone": backbone, "val_accuracy": acc,
+                          "val_log_loss": nll, "score": (acc, -nll)}  # fmt: skip
+
+    rates = {"slow": 70.0, "fast": 110.0}
+    scored = [row("features", "fast", 0.88, 0.36), row("features", "slow", 0.89, 0.33),
+              row("finetune", "slow", 0.90, 0.33)]  # fmt: skip
+    chosen = _parsimonious(scored, rates, n_val=100)
+    assert chosen is scored[0] and "one standard error" in chosen[1]["why"]
+    scored[0][1].update(val_accuracy=0.80, score=(0.80, -0.36))
+    assert _parsimonious(scored, rates, n_val=100) is scored[1]  # same speed: features first
+    assert _parsimonious(scored, rates, n_val=0) is scored[2]

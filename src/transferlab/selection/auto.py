@@ -8,6 +8,8 @@ within a wall-clock budget, every choice made on train/val (never test).
 3. **Fine-tune** the best of them when what is left of the budget covers the estimated cost
    (``--max-time`` caps it at what is left, less the ensemble's estimate); kept only when it
    beats its features head on val.
+   The single model kept is the cheapest within one standard error of the best val accuracy
+   (:func:`_parsimonious`): a faster backbone, then features over fine-tuning.
 4. **Ensemble** the two best models (two backbones when there are two): the weighted average of
    their probabilities, weights chosen on val through the ensemble's own forward
    (:mod:`.ensemble`); tried when the budget left covers its estimated val + test passes, kept
@@ -72,7 +74,7 @@ def fit_auto(prepared: PreparedData, config: FitConfig, out: Path) -> AutoChoice
     # Fine-tuning leaves the ensemble's estimated cost: it comes after, and is far cheaper.
     reserve = _ensemble_cost(prepared, _pair(scored), rates)
     _finetune(prepared, out, scored, tried, rates, budget - (time.perf_counter() - t0), reserve)
-    winner, row = max(scored, key=lambda pair: pair[1]["score"])  # the first among equals
+    winner, row = _parsimonious(scored, rates, len(prepared.splits.get("val") or ()))
     ensemble = _ensemble(prepared, scored, rates, budget - (time.perf_counter() - t0))
     tried.append(ensemble.row)
     if ensemble.choice is not None:
@@ -113,6 +115,36 @@ def _finetune(
         cfg = replace(winner.ctx.config, strategy="finetune", max_time=left * FINETUNE_SHARE)
         scored.append(_try(prepared, cfg, out, fallback=-math.inf))
         tried.append(scored[-1][1])
+
+
+def _parsimonious(
+    scored: Scored, rates: dict[str, float], n_val: int
+) -> tuple[AutoChoice, dict[str, Any]]:
+    """The cheapest model whose val accuracy is within one standard error of the best one's
+    (the one-standard-error rule: Hastie, Tibshirani & Friedman, ESL 7.10): on a val split of a
+    few hundred images a lead of one or two images is noise, and then the faster backbone, and
+    of one backbone the features head over its fine-tuned network, gives the same expected
+    accuracy for less. Without a val split (scores are CV accuracies), simply the best."""
+    best = max(scored, key=lambda pair: pair[1]["score"])  # the first among equals
+    if n_val == 0:
+        return best
+    top = best[1]["val_accuracy"]
+    floor = top - math.sqrt(top * (1 - top) / n_val)
+    tied = [pair for pair in scored if pair[1]["val_accuracy"] >= floor]
+    cheapest = min(
+        tied,
+        key=lambda pair: (
+            -rates.get(pair[1]["backbone"], 0.0),  # images per second: the faster first
+            pair[1]["strategy"] != "features",
+            tuple(-v for v in pair[1]["score"]),
+        ),
+    )
+    if cheapest is not best:
+        cheapest[1]["why"] = (
+            f"val accuracy within one standard error ({top - floor:.4f}) of the best "
+            f"({best[1]['strategy']} on {best[1]['backbone']}, {top:.4f}), and cheaper to run"
+        )
+    return cheapest
 
 
 @dataclass
@@ -269,6 +301,8 @@ def _record(
         "ranking": ranking,
         "tried": [plain(r) for r in tried],
         "chosen": plain(chosen),
-        "why": "highest val accuracy, then lowest val log loss, among those tried (test unseen)",
+        "why": chosen.get(
+            "why", "highest val accuracy, then lowest val log loss, among those tried (test unseen)"
+        ),
         "config": {"strategy": "auto", "time_budget": config.time_budget},
     }
