@@ -24,7 +24,7 @@ from transferlab.errors import TransferlabError
 from transferlab.evaluation.card import ClassifierViews
 from transferlab.evaluation.exported import evaluate_exported
 from transferlab.evaluation.metrics import classification_report
-from transferlab.evaluation.run_data import evaluation_data, prepare_run_data
+from transferlab.evaluation.run_data import evaluation_data, fitted_on, prepare_run_data
 from transferlab.evaluation.scoring import evaluate_split, head_logits
 from transferlab.model import LazyNet, softmax
 from transferlab.predict import ExportedClassifier, is_exported_file
@@ -34,6 +34,7 @@ from transferlab.provenance import (
     recorded_inputs,
     require_intact,
     seal_run,
+    trained_on,
     write_provenance,
 )
 from transferlab.runs import (
@@ -371,7 +372,7 @@ def evaluate_run(
             )
         return RunEvaluation(*evaluate_exported(run, data, split))
     clf = load(run)
-    own = _same_data(clf, data)
+    own = fitted_on(clf.data_summary, data)
     # scanned once, as fit scans: unusable files are skipped here and in a report alike. An
     # unsplit folder that is not the run's own is scored whole (evaluation_data); calibrating
     # keeps the splits, since the temperature is fitted on val.
@@ -379,7 +380,7 @@ def evaluate_run(
         prepared = prepare_run_data(data, clf.saved.config, clf.classes)
     else:
         prepared, split = evaluation_data(
-            data, clf.saved.config, clf.classes, split, own_data=own, seen=_trained_on(run)
+            data, clf.saved.config, clf.classes, split, own_data=own, seen=trained_on(run)
         )
     report = clf.evaluate(data, split=split, tta=tta, calibrate=calibrate, prepared=prepared)
     record = {k: {**report[k], "data": str(data)} for k in ("calibration", "tta") if k in report}
@@ -391,18 +392,6 @@ def evaluate_run(
     if calibrate or record:
         seal_run(run)  # the run's own changes: its file digests follow them
     return RunEvaluation(classifier=clf, prepared=prepared, report=report, split=split)
-
-
-def _trained_on(run: str | os.PathLike) -> set[str]:
-    """Content digests of the images the run was trained or validated on (its provenance)."""
-    files = (recorded_inputs(run) or {}).get("files", [])
-    return {f["sha256"] for f in files if f.get("split") in ("train", "val") and f.get("sha256")}
-
-
-def _same_data(clf: Classifier, data: str | os.PathLike) -> bool:
-    """Whether ``data`` is the folder the run was fitted on (its data.json's root)."""
-    root = clf.data_summary.get("index", {}).get("root")
-    return root is not None and Path(data).resolve() == Path(root).resolve()
 
 
 __all__ = [

@@ -1,4 +1,5 @@
-"""CLI commands for understanding a run: ``evaluate``, ``report``, ``compare``.
+"""CLI commands for understanding a run: ``evaluate``, ``report``, ``compare``, ``explain``, and
+the ``convolve`` teaching demo.
 
 ``cli.py`` calls :func:`register` once to add the commands to its typer app. Each command parses
 its options, calls the Python API (``transferlab.api.evaluate_run``, ``evaluation.report``,
@@ -93,10 +94,12 @@ def _say_extras(report: dict[str, Any], split: str, run: Path) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``report`` and ``compare`` to the transferlab CLI app."""
+    """Add ``evaluate``, ``report``, ``compare``, ``explain`` and ``convolve`` to the app."""
     app.command("evaluate")(evaluate)
     app.command("report")(report)
     app.command("compare")(compare)
+    app.command("explain")(explain)
+    app.command("convolve")(convolve)
 
 
 def report(
@@ -172,3 +175,44 @@ def compare(
     if res["chart"]:
         say(f"chart: {res['chart']}")
     say(f"wrote {Path(out) / 'compare.json'}")
+
+
+def explain(
+    run: Path = typer.Argument(..., help="A run folder written by `fit`."),
+    images: list[str] = typer.Argument(..., help="Image files, folders (recursive) or globs."),
+    out: Path = typer.Option(Path("explain"), "--out", "-o", help="Folder for the PNG files."),
+    target_class: str | None = typer.Option(None, help="Class to explain (default: predicted)."),
+    layer: str | None = typer.Option(
+        None, help="Target layer name (default: the last stage at stride 16, e.g. 14x14)."
+    ),
+    method: str = typer.Option("hirescam", help="hirescam | gradcam"),
+    maps: bool = typer.Option(True, help="Also feature maps, bottleneck vector and filters."),
+) -> None:
+    """Class activation maps (HiResCAM/Grad-CAM); feature maps; bottleneck; first-layer filters."""
+    import transferlab
+    from transferlab.evaluation.explain import explain_files
+    from transferlab.predict.sources import iter_sources
+
+    files = list(iter_sources(images))
+    if not files:
+        raise TransferlabError(f"{' '.join(images)}: no image files found")
+    written = explain_files(
+        transferlab.load(run), files, out,
+        target_class=target_class, layer=layer, method=method, maps=maps,
+    )  # fmt: skip
+    for w in written:
+        out_console.print(str(w))
+
+
+def convolve(
+    image: Path = typer.Argument(..., help="Any image."),
+    kernel: str = typer.Option(
+        "mean",
+        help="mean | gaussian | sobel-x | sobel-y | sharpen | edge, or '1,0,-1;2,0,-2;1,0,-1'",
+    ),
+    out: Path = typer.Option(Path("convolution.png"), "--out", "-o"),
+) -> None:
+    """Teaching demo: apply a 3x3 kernel to an image; input, kernel and output side by side."""
+    from transferlab.evaluation.explain import convolve_file
+
+    out_console.print(str(convolve_file(image, kernel, out)))

@@ -28,7 +28,7 @@ from transferlab.system import available_cpus, library_versions
 
 __all__ = [
     "FILES_FILE", "PROVENANCE_FILE", "RunCheck", "check_run_files", "environment",
-    "input_manifest", "recorded_inputs", "require_intact", "seal_run", "unseal_run",
+    "input_manifest", "recorded_inputs", "require_intact", "seal_run", "trained_on", "unseal_run",
     "verify_data", "write_provenance",
 ]  # fmt: skip
 
@@ -244,6 +244,12 @@ def recorded_inputs(run: str | os.PathLike) -> dict[str, Any] | None:
         return (read_json(Path(run) / PROVENANCE_FILE) or {}).get("inputs")
     except (TransferlabError, AttributeError):
         return None
+
+
+def trained_on(run: str | os.PathLike) -> set[str]:
+    """Content digests of the images a run was trained or validated on (its input manifest)."""
+    files = (recorded_inputs(run) or {}).get("files", [])
+    return {f["sha256"] for f in files if f.get("split") in ("train", "val") and f.get("sha256")}
 
 
 @dataclass

@@ -60,17 +60,9 @@ def split_folder(
     found = list_labelled(src_root, label_regex=label_regex)
     for problem in found.problems:
         log.warning("%s", problem)
-    # Only images fit can use are placed, so the counts asked for are the counts fit trains on.
-    paths = [path for path, _, _ in found.items]
-    with progress(len(paths), "checking images") as advance:
-        failures = dict(scan_files(paths, on_progress=advance).failures)
-    if failures:
-        lines = "".join(f"\n  {printable_path(paths[i])}: {why}" for i, why in failures.items())
-        log.warning("skipped %d unusable file(s), not placed in any split:%s", len(failures), lines)
     pools: dict[str, list[str]] = defaultdict(list)
-    for i, (path, label, _) in enumerate(found.items):
-        if i not in failures:
-            pools[label].append(path)
+    for path, label in _usable(found.items):
+        pools[label].append(path)
     base = os.path.dirname(found.root) if found.layout == "csv" else found.root
     splits = SPLITS[: len(sizes)]
 
@@ -96,6 +88,18 @@ def split_folder(
 
     _materialise(plan, base, dest_root, link)
     return {s: c for s, c in counts.items() if any(c.values())}
+
+
+def _usable(items: Sequence[tuple[str, str, str | None]]) -> list[tuple[str, str]]:
+    """(path, label) of the files fit can use, the others reported: the counts asked for are
+    then the counts fit trains on."""
+    paths = [path for path, _, _ in items]
+    with progress(len(paths), "checking images") as advance:
+        failures = dict(scan_files(paths, on_progress=advance).failures)
+    if failures:
+        lines = "".join(f"\n  {printable_path(paths[i])}: {why}" for i, why in failures.items())
+        log.warning("skipped %d unusable file(s), not placed in any split:%s", len(failures), lines)
+    return [(path, label) for i, (path, label, _) in enumerate(items) if i not in failures]
 
 
 def _validate(values: Sequence[float], integers: bool) -> list[float]:

@@ -30,8 +30,15 @@ if TYPE_CHECKING:
     from transferlab.api import Classifier
 
 __all__ = [
-    "classifier_split", "evaluation_data", "prepare_run_data", "resolve_splits", "with_digests",
+    "classifier_split", "evaluation_data", "fitted_on", "prepare_run_data", "resolve_splits",
+    "with_digests",
 ]  # fmt: skip
+
+
+def fitted_on(summary: Mapping[str, Any] | None, data: str | os.PathLike[str]) -> bool:
+    """Whether ``data`` is the folder a run was fitted on (the root in its data summary)."""
+    root = ((summary or {}).get("index") or {}).get("root")
+    return root is not None and Path(data).resolve() == Path(root).resolve()
 
 
 def prepare_run_data(

@@ -29,6 +29,7 @@ from transferlab.evaluation.report.sections_metrics import (
     curves_section,
     metrics_section,
 )
+from transferlab.evaluation.run_data import fitted_on
 from transferlab.progress import info, warn
 from transferlab.runs import AUTO_FILE, LADDER_FILE, MODEL_FILE, REPORT_FILE, is_run_dir
 from transferlab.storage import atomic_write_text
@@ -158,10 +159,9 @@ def _same_data(ctx: RunContext) -> bool:
     if ctx.data is None:
         return True
     try:
-        recorded = (ctx.summary.get("index") or {}).get("root")
+        return fitted_on(ctx.summary, ctx.data)
     except TransferlabError:  # data.json is corrupt: the Dataset section says so
         return False
-    return recorded is not None and Path(ctx.data).resolve() == Path(recorded).resolve()
 
 
 def _save_predictions(ctx: RunContext, sections: Sections) -> None:
