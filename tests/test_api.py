@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -112,6 +113,9 @@ def test_save_keeps_runs_apart_unless_told_to_replace_one_whole(split_data, tmp_
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(TransferlabError, match="is a file"):
         loaded.save(tmp_path / "a_file")
+    shutil.rmtree(other)  # the folder it was last saved to is gone: another one still works
+    (tmp_path / "third").mkdir()  # an empty folder is fine to save into
+    assert loaded.save(tmp_path / "third") == tmp_path / "third"
 
 
 def test_a_lazy_body_asked_for_by_many_threads_at_once_is_built_once(tmp_path):

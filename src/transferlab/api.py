@@ -291,7 +291,8 @@ class Classifier(ClassifierViews):
         file of the old run (its report, its predictions) is left beside the new model.
         """
         out = Path(out)
-        if self.run_dir is not None and out.is_dir() and out.samefile(self.run_dir):
+        own = self.run_dir is not None and Path(self.run_dir).is_dir()
+        if own and out.is_dir() and out.samefile(self.run_dir):
             return self._write(out)
         check_out_folder(out, replace=overwrite)
         work = partial_dir(out)
