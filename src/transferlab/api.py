@@ -287,9 +287,8 @@ class Classifier(ClassifierViews):
 
         The folder this model was loaded from (or last saved to) is updated in place. Any other
         folder holding a run (or other files) is refused unless ``overwrite``, which replaces it
-        whole: the new run is built beside it (``OUT.partial``) and swapped in at the end, so no
-        file of the old run (its report, its predictions) is left beside the new model.
-        """
+        whole (built as ``OUT.partial``, swapped in at the end: no old report or predictions
+        are left beside the new model)."""
         out = Path(out)
         own = self.run_dir is not None and Path(self.run_dir).is_dir()
         if own and out.is_dir() and out.samefile(self.run_dir):
