@@ -51,10 +51,10 @@ def extract(
 ) -> None:
     """Compute and cache the backbone features of every image in DATA, each image once."""
     from transferlab.api import feature_extractor, seed_everything
-    from transferlab.backbones import at_input_size, create_backbone
     from transferlab.config import FitConfig
     from transferlab.data.prepared import prepare_data
     from transferlab.engine.shards import extract_sharded
+    from transferlab.strategies import config_backbone
     from transferlab.system import is_rank_zero
 
     if num_nodes < 1 or devices < 1:
@@ -71,11 +71,7 @@ def extract(
     paths = [p for s in splits for p in s.paths]
     digests = [d for s in splits for d in s.digests]
     seed_everything(cfg.seed)  # a --no-pretrained backbone is the same one in every run and rank
-    backbone = at_input_size(
-        create_backbone(cfg.backbone, pretrained=cfg.pretrained, cache_dir=cfg.cache_dir),
-        cfg.image_size,
-    )
-    extractor = feature_extractor(backbone, cfg)
+    extractor = feature_extractor(config_backbone(cfg), cfg)
     report = extract_sharded(
         extractor, paths, digests, cfg, num_nodes=num_nodes, part=(index, count)
     )

@@ -217,7 +217,6 @@ def evaluation_data(
         digests=[d for _, _, d in rows],
     )
     left_out = sum(len(s) for s in parts) - len(whole)
-    trained_on = f"{left_out} image(s) the model was trained or validated on (same content)"
     if not len(whole):
         raise TransferlabError(
             f"{data}: every usable image is one the model was trained or validated on "
@@ -225,6 +224,10 @@ def evaluation_data(
         )
     counts = ", ".join(f"{c} {int((whole.labels == i).sum())}" for i, c in enumerate(classes))
     why = " (it has no split folders)" if implicit else ""
-    held_out = f"; left out {trained_on}" if left_out else ""
+    held_out = (
+        f"; left out {left_out} image(s) the model was trained or validated on (same content)"
+        if left_out
+        else ""
+    )
     info(f"{data}: scoring all {len(whole)} usable images{why}{held_out}: {counts}")
     return replace(prepared, splits={"all": whole}), "all"

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from transferlab.backbones import at_input_size, create_backbone
+from transferlab.backbones import Backbone, at_input_size, create_backbone
 from transferlab.config import AUTO, FitConfig
 from transferlab.data.prepared import PreparedData
 from transferlab.engine.shards import extract_sharded, wants_ranks
@@ -30,7 +30,8 @@ from transferlab.strategies.base import (
 
 __all__ = [
     "STRATEGIES", "StrategyContext", "StrategyResult", "StrategySpec", "TrainSetup",
-    "body_record", "feature_extractor", "ignored_options", "run_setup", "strategy_context",
+    "body_record", "config_backbone", "feature_extractor", "ignored_options", "run_setup",
+    "strategy_context",
 ]  # fmt: skip
 
 
@@ -97,6 +98,15 @@ def ignored_options(config: FitConfig) -> list[str]:
     )
 
 
+def config_backbone(config: FitConfig) -> Backbone:
+    """The backbone ``config`` names, at the input size it asks for (``at_input_size``): the one
+    ``fit``, ``rank``, ``auto`` and ``transferlab extract`` all key their features by."""
+    native = create_backbone(
+        config.backbone, pretrained=config.pretrained, cache_dir=config.cache_dir
+    )
+    return at_input_size(native, config.image_size)
+
+
 def strategy_context(prepared: PreparedData, config: FitConfig, out: Path) -> StrategyContext:
     """What a strategy (or lr-find, or a ranking) gets: the splits, the config, the run folder,
     and for a pretrained strategy the backbone and its extractor, built here once."""
@@ -110,10 +120,7 @@ def strategy_context(prepared: PreparedData, config: FitConfig, out: Path) -> St
     )
     if STRATEGIES[config.strategy].needs_backbone:
         t0 = time.perf_counter()
-        native = create_backbone(
-            config.backbone, pretrained=config.pretrained, cache_dir=config.cache_dir
-        )
-        ctx.backbone = at_input_size(native, config.image_size)
+        ctx.backbone = config_backbone(config)
         ctx.timings["backbone_s"] = time.perf_counter() - t0
         ctx.extractor = feature_extractor(ctx.backbone, config)
         if wants_ranks(config):
