@@ -5,7 +5,7 @@
 (a) naive: torchvision ImageFolder + Resize/CenterCrop/ToTensor/Normalize, DataLoader defaults,
     the same timm model in eager NCHW;
 (b) eager PyTorch channels_last fed by transferlab's decode (same workers, same batches);
-(c) transferlab: decode in worker processes ‖ the exported base on the fastest engine.
+(c) transferlab: decode in threads ‖ the exported base on the fastest engine.
 All three start from files on disk and end with a (n, D) feature matrix; the feature cache is
 bypassed. Then the engine's limit: its model-only rate (images already decoded in memory) and
 the end-to-end rate of ``FeatureExtractor`` (files → features in an empty cache), alternated
@@ -104,7 +104,7 @@ def engine_limit(
 
     Model-only: the runtime on batches already decoded in memory, what the engine can do on
     this box (the faster of calling it per batch and its ``map``). End-to-end: FeatureExtractor
-    from files into an empty cache namespace (decode workers ‖ engine, cache writes included),
+    from files into an empty cache namespace (decode threads ‖ engine, cache writes included),
     the same runtime object and batch size."""
     from transferlab.backbones import create_backbone
     from transferlab.cache import FeatureCache

@@ -13,11 +13,11 @@ subprocesses, the way a user runs them:
 * report: `transferlab report RUN`.
 
 Peak RSS is the main process's high-water mark (``wait4``'s ``ru_maxrss``), and sampled (psutil,
-every 50 ms) for its worker processes (decode, scan); the cache folder's files and bytes are
-counted after the cold fit. The last lines give per-image slopes between the smallest and the
-largest size (fixed costs cancel), which docs/cluster.md turns into a projection for a million
-images. Images and runs go to --work (default: a temporary folder outside the repository,
-deleted afterwards unless --keep).
+every 50 ms) for its worker processes (the scan's: decoding runs in threads of the main process);
+the cache folder's files and bytes are counted after the cold fit. The last lines give
+per-image slopes between the smallest and the largest size (fixed costs cancel), which
+docs/cluster.md turns into a projection for a million images. Images and runs go to --work
+(default: a temporary folder outside the repository, deleted afterwards unless --keep).
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def timed(cmd: list[str]) -> dict[str, float]:
     return {
         "s": seconds,
         # ru_maxrss (KiB on Linux) of the process and of the children it waited for (the
-        # decode workers, smaller): the main process's peak. Its floor is this script's own
+        # scan workers, smaller): the main process's peak. Its floor is this script's own
         # RSS (the child starts as a copy of it), ~50 MiB, far below the figures measured.
         "rss_main_mib": usage.ru_maxrss * 1024 / mib,
         "rss_worker_mib": peak_workers / mib,

@@ -1,8 +1,8 @@
-"""``iter_decoded``: order, failures by index, in-process == worker processes, clean early stop."""
+"""``iter_decoded``: order, failures by index, in-thread == decode threads, clean early stop."""
 
 from __future__ import annotations
 
-import multiprocessing
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -51,34 +51,35 @@ def test_order_failures_and_equality_with_load_image(sources: list[str]) -> None
         assert np.array_equal(images[row], load_image(sources[index], PRE))
 
 
-def _shm_names() -> set[str]:
-    shm = Path("/dev/shm")
-    return {p.name for p in shm.iterdir()} if shm.is_dir() else set()
+def _decode_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("transferlab-decode")]
 
 
-@pytest.mark.parametrize("shared", [True, False], ids=["shared-memory", "pickled"])
-def test_worker_processes_give_identical_arrays(
-    sources: list[str], shared: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    if not shared:  # the fallback where /dev/shm is missing or too small
-        monkeypatch.setattr(loader._SharedSlots, "create", lambda count, shape: None)
-    before = _shm_names()
+def test_decode_threads_give_identical_arrays(sources: list[str]) -> None:
     in_process = _collect(list(iter_decoded(sources, PRE, batch_size=3, workers=0)))
     two = _collect(list(iter_decoded(sources, PRE, batch_size=3, workers=2)))
     assert in_process[0] == two[0] and in_process[2] == two[2]
     assert np.array_equal(in_process[1], two[1])
-    assert multiprocessing.active_children() == []
-    assert _shm_names() == before  # shared blocks unlinked
+    assert _decode_threads() == []
 
 
-def test_early_stop_leaves_no_processes(sources: list[str]) -> None:
-    before = _shm_names()
-    batches = iter_decoded(sources * 4, PRE, batch_size=2, workers=2)
+def test_early_stop_cancels_queued_batches_and_ends_the_threads(
+    sources: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decoded: list[int] = []
+    real = loader._decode_batch
+
+    def counting(job: loader._Job) -> DecodedBatch:
+        decoded.append(job[0])
+        return real(job)
+
+    monkeypatch.setattr(loader, "_decode_batch", counting)
+    batches = iter_decoded(sources * 10, PRE, batch_size=2, workers=2)  # 55 batches
     first = next(batches)
     assert first.indices == [0, 1]
     batches.close()  # what a `break` out of a for loop does
-    assert multiprocessing.active_children() == []
-    assert _shm_names() == before
+    assert _decode_threads() == []
+    assert len(decoded) <= 2 * 2 + 1  # the prefetched ones and the refill, not all 55
 
 
 def test_empty_input_and_bad_batch_size() -> None:

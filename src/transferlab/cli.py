@@ -57,7 +57,7 @@ QUIET_FLAGS = ("-q", "--quiet")
 
 def _take_quiet(argv: list[str]) -> list[str]:
     """``-q/--quiet`` anywhere before ``--`` (as pip and git take their global flags): set
-    TRANSFERLAB_QUIET (decode workers and DDP ranks inherit it) and drop it from argv."""
+    TRANSFERLAB_QUIET (scan workers and DDP ranks inherit it) and drop it from argv."""
     import os
 
     end = argv.index("--") if "--" in argv else len(argv)

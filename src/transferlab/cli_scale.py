@@ -40,7 +40,7 @@ def extract(
     ),
     cache_dir: Path | None = typer.Option(None, help="Feature cache; every rank must see it."),
     batch_size: int = typer.Option(32, help="Images per batch."),
-    workers: int | None = typer.Option(None, help="Decode processes per rank (default: cores)."),
+    workers: int | None = typer.Option(None, help="Decode threads per rank (default: cores)."),
     max_pixels: int = typer.Option(89_478_485, help="Refuse larger images (bomb guard)."),
     image_size: int | None = typer.Option(
         None, help="Input size as fit's --image-size (default: fit's, so fit reuses them)."

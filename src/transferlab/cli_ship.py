@@ -45,7 +45,7 @@ def predict(
     resume: bool = typer.Option(False, help="Continue an interrupted --output file."),
     overwrite: bool = typer.Option(False, help="Replace an existing --output file."),
     batch_size: int = typer.Option(32),
-    workers: int | None = typer.Option(None, help="Decode processes (default: all cores)."),
+    workers: int | None = typer.Option(None, help="Decode threads (default: all cores)."),
 ) -> None:
     """Labels with probabilities, streamed in constant memory; unreadable files never stop it.
 
@@ -104,8 +104,8 @@ def _predict(
 @contextlib.contextmanager
 def _exit_cleanly_on_sigterm() -> Iterator[None]:
     """SIGTERM (a scheduler's stop, `kill`) → SystemExit, so the decode pool is shut down and
-    the output is closed on the way out; by default Python dies at once and leaves the pool's
-    worker processes behind. The previous handler is restored afterwards."""
+    the output is flushed and closed on the way out; by default Python dies at once. The
+    previous handler is restored afterwards."""
     import signal
     import threading
 

@@ -88,7 +88,9 @@ class FitConfig:
     engine: str = _opt("auto", "Frozen base runtime: auto|openvino|onnxruntime|torch")
     cache_dir: str | None = _opt(None, "Feature cache (default: user cache dir).")
     batch_size: int = _opt(32, "Images per batch.")
-    workers: int | None = _opt(None, "Decode processes (default: all cores).")
+    workers: int | None = _opt(
+        None, "Decode threads for features, DataLoader processes for training (default: cores)."
+    )
     # end-to-end training (frozen / finetune / scratch strategies)
     epochs: int | None = _opt(None, f"Training epochs. Default: {_by_strategy('epochs')}.")
     lr: float | None = _opt(

@@ -1,7 +1,7 @@
 """Bottleneck features for a list of images: cache lookup, then decode ‖ frozen base for misses.
 
-Decoding runs in worker processes while the main process runs the backbone on the previous
-batch (see ``data.loader.iter_decoded``), so the slower of the two sets the pace.
+Decoding runs in threads while the engine runs the backbone on the previous batch (see
+``data.loader.iter_decoded``), so the slower of the two sets the pace.
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@
 - :mod:`~transferlab.data.split`: the ``transferlab split`` command's folder materialiser.
 - :mod:`~transferlab.data.images`: safe decoding (clear errors) and the backbone's eval
   geometry; :mod:`~transferlab.data.colour`: any Pillow mode → RGB.
-- :mod:`~transferlab.data.loader`: multi-process, in-order batch decoding for feature extraction.
+- :mod:`~transferlab.data.loader`: threaded, in-order batch decoding for feature extraction;
+  :mod:`~transferlab.data.fast_pixels`: its torch/torchvision decode and resize.
 
 Submodules are imported directly (``from transferlab.data.images import load_image``): this
-package imports nothing itself, so decode workers start without loading unrelated code.
+package imports nothing itself, so scan workers start without loading unrelated code.
 """

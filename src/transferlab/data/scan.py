@@ -12,6 +12,8 @@ file stays skipped, without being decoded again, until it changes).
 from __future__ import annotations
 
 import os
+import signal
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,7 +25,6 @@ from transferlab.data.images import (
     file_digest,
     pixel_limit_problem,
 )
-from transferlab.data.loader import init_worker
 from transferlab.data.scan_index import Checked, FileKey, ScanIndex, file_key
 from transferlab.errors import ImageError
 
@@ -155,7 +156,7 @@ def _read_all(
     if workers <= 1 or len(jobs) < _CHUNK:
         _consume(map(_scan_one, jobs), found, on_progress)
     else:
-        with ProcessPoolExecutor(max_workers=workers, initializer=init_worker) as pool:
+        with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
             _consume(pool.map(_scan_one, jobs, chunksize=32), found, on_progress)
     if on_progress and len(found) % _CHUNK:
         on_progress(len(found) % _CHUNK)
@@ -181,3 +182,23 @@ def _checked(
             w, h = size if size is not None else (None, None)
             out.append((str(paths[i]), key, Checked(digest, reason, w, h, max_pixels)))
     return out
+
+
+def _init_worker() -> None:
+    # Ctrl-C goes to the whole process group; the parent handles it and shuts the pool down.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """On Linux, have the kernel SIGTERM this worker when its parent dies (even by SIGKILL),
+    so a killed `fit` never leaves scan workers behind."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass

@@ -1,6 +1,6 @@
 """One prediction engine for the CLI, the Python API and the HTTP server.
 
-    sources (files, folders, globs) ─ lazy walk ─ chunks of paths ─ iter_decoded (worker processes)
+    sources (files, folders, globs) ─ lazy walk ─ chunks of paths ─ iter_decoded (decode threads)
         ─ body on its fastest runtime ─ head + softmax (temperature) ─ rows written per batch
 
 Memory stays flat on any tree: folders are walked depth first holding one folder's listing per

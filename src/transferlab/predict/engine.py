@@ -34,7 +34,7 @@ __all__ = ["DEFAULT_CHUNK", "UNKNOWN", "Prediction", "PredictionEngine", "RunSum
 
 #: The label given when the top probability is below ``threshold``.
 UNKNOWN = "unknown"
-#: Paths decoded per ``iter_decoded`` call (one worker pool): big enough that starting the pool
+#: Paths decoded per ``iter_decoded`` call (one decode pool): big enough that starting the pool
 #: and draining its pipeline at the chunk's end cost little, small enough to bound memory.
 DEFAULT_CHUNK = 1024
 

@@ -1,6 +1,6 @@
 """What ``Classifier.predict`` accepts, turned into the inputs the prediction engine reads.
 
-    path / folder / glob ─────────────────────────────── engine.iter_predict (decode workers)
+    path / folder / glob ─────────────────────────────── engine.iter_predict (decode threads)
     bytes ─────────────────────────────────────────────┐
     PIL image ── EXIF orientation ─────────────────────┤ engine.decode → load_image: the same
     NumPy (H, W[, C]) uint8 | float in [0, 1] ─────────┤ geometry, alpha and colour handling as

@@ -29,10 +29,10 @@ class OpenVinoRuntime(EngineRuntime):
     of up to :data:`REQUEST_IMAGES`, and a throughput one (several streams of fewer threads,
     OpenVINO's choice) that larger batches go to in requests of :data:`REQUEST_IMAGES`.
 
-    Streams share no barriers: when a decode worker preempts one stream's thread the others
+    Streams share no barriers: when a decode thread preempts one stream's thread the others
     go on, where one stream on every thread waits at each layer for its slowest thread. On
     the 2-core box, 2 streams x 1 thread ran MobileNetV2 1.32x faster model-only and 1.19x
-    faster end to end (decode workers running) than 1 stream x 2 threads, medians of 6
+    faster end to end (decode worker processes running) than 1 stream x 2 threads, medians of 6
     alternated passes measured under contention (benchmarks/extract.py re-measures it).
     """
 
@@ -146,7 +146,7 @@ def keep_signal_stack() -> Iterator[None]:
     OpenVINO's CPU plugin (2026.4) installs a stack of its own in the thread that compiles a
     model and, when the model is freed, re-installs the one it found. Two models freed out of
     order (A, B compiled; A freed, then B) leave A's unmapped stack installed; the next signal
-    with a Python handler (SIGCHLD from a decode worker) then cannot be delivered and the
+    with a Python handler (SIGCHLD from a worker process) then cannot be delivered and the
     process dies with SIGSEGV (si_code SI_KERNEL) far from any OpenVINO call. With the caller's
     stack restored right after compiling, every model compiled in a thread saves and restores
     that thread's own valid stack (a model freed in another thread installs the compiling
