@@ -186,7 +186,7 @@ def main() -> None:
         for name, (model, e2e) in limits.items():
             print(
                 f"  {name:>10}: model-only {model:6.1f} img/s, end-to-end {e2e:6.1f} img/s, "
-                f"ratio {e2e / model:.2f}"
+                f"ratio {e2e / model:.3f}"
             )
         print("  (targets: ratio >= 0.85 as built; >= 230 img/s on a quiet 2-core box)")
         if args.limit_only:

@@ -53,7 +53,9 @@ class FeatureRuntime(Protocol):
         ...
 
     def map(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
-        """``self(batch)`` for each batch, in order, batches possibly overlapping."""
+        """``self(batch)`` for each batch, in order, batches possibly overlapping: a batch may
+        still be read after the next one is pulled, so it must not be changed until its
+        features have been yielded."""
         ...
 
 

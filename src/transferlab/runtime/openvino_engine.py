@@ -83,7 +83,7 @@ class OpenVinoRuntime(EngineRuntime):
         free, running, parts = deque(self._bulk), deque(), []
 
         def finish_oldest() -> np.ndarray | None:
-            request, last = running.popleft()
+            request, last, _pixels = running.popleft()  # its input may be let go from now on
             request.wait()
             parts.append(_output(request))
             free.append(request)
@@ -108,14 +108,18 @@ class OpenVinoRuntime(EngineRuntime):
                         if (out := finish_oldest()) is not None:
                             yield out
                     request = free.popleft()
-                    # start_async copies the input into the request: the caller may reuse it
-                    request.start_async({0: images[start : start + REQUEST_IMAGES]})
-                    running.append((request, start == starts[-1]))
+                    # The request reads the caller's pixels in place, kept referenced until it
+                    # is done (map's contract: a batch is not changed before its features are
+                    # out). Skipping the 300 KB copy per request on this thread gave +1.2% end
+                    # to end: 236 vs 233 img/s over 4 alternated passes.
+                    pixels = images[start : start + REQUEST_IMAGES]
+                    request.start_async({0: pixels}, share_inputs=True)
+                    running.append((request, start == starts[-1], pixels))
             while running:
                 if (out := finish_oldest()) is not None:
                     yield out
         finally:
-            for request, _ in running:  # a consumer that stopped early: let them end
+            for request, _, _ in running:  # a consumer that stopped early: let them end
                 request.wait()
 
     def _run(self, images: np.ndarray) -> np.ndarray:
