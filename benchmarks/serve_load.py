@@ -6,7 +6,7 @@
 The server runs in a subprocess on 127.0.0.1 (a free port). The load generator is a bounded
 httpx async client: N single-image multipart requests, at most C in flight, then it stops. It
 prints throughput, p50/p99 latency and errors, then stops the server and runs batch prediction
-(the same engine, decode workers, batch 32) over the same image files in this process, for the
+(the same engine, decode threads, batch 32) over the same image files in this process, for the
 ratio server/batch (target ≥ 70%). ``--malformed`` sends the bad-input suite instead and prints
 each status code, then checks that /health still answers.
 """

@@ -1,7 +1,11 @@
-"""load_image's fast path (torchvision decode, torch resize) against the Pillow path it replaces."""
+"""load_image's fast path (simplejpeg decode, torch resize) against the Pillow path it replaces."""
 
 from __future__ import annotations
 
+import io
+import sys
+import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +20,7 @@ from transferlab.preprocess import Preprocess
 
 @pytest.fixture
 def decodes(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """One entry per torchvision decode attempt: True where it gave the pixels."""
+    """One entry per fast decode attempt: True where it gave the pixels."""
     calls: list[bool] = []
     real = fast_pixels.decode_jpeg
 
@@ -30,11 +34,38 @@ def decodes(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L"])
-def test_torchvision_decodes_the_same_pixels_as_pillow(tmp_path: Path, mode: str) -> None:
+def test_the_fast_decoder_gives_pillows_pixels(tmp_path: Path, mode: str) -> None:
     path = make_image(tmp_path / "x.jpg", (61, 47), mode=mode, quality=90)
-    tensor = fast_pixels.decode_jpeg(path.read_bytes())
-    assert tensor is not None and tensor.shape == (3, 47, 61)
-    assert np.array_equal(tensor.numpy().transpose(1, 2, 0), np.asarray(open_rgb(path)))
+    pixels = fast_pixels.decode_jpeg(path.read_bytes())
+    assert pixels is not None and pixels.shape == (47, 61, 3) and pixels.flags.writeable
+    assert np.array_equal(pixels, np.asarray(open_rgb(path)))
+
+
+def test_a_decoder_that_differs_from_pillow_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    shifted = types.SimpleNamespace(
+        decode_jpeg=lambda data, colorspace: np.asarray(Image.open(io.BytesIO(data))) // 2
+    )
+    monkeypatch.setitem(sys.modules, "simplejpeg", shifted)
+    assert fast_pixels._decoder.__wrapped__() is None
+    monkeypatch.setitem(sys.modules, "simplejpeg", None)  # not installed
+    assert fast_pixels._decoder.__wrapped__() is None
+
+
+def test_what_libjpeg_only_warns_about_goes_to_pillow_silently(
+    tmp_path: Path, decodes: list[bool], capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Extraneous bytes before the end marker (seen in real photo sets): libjpeg warns on stderr
+    (torchvision's decoder let it print); here Pillow decodes the file as it always did."""
+    good = make_image(tmp_path / "good.jpg", (80, 60), quality=90).read_bytes()
+    path = tmp_path / "extra.jpg"
+    path.write_bytes(good[:-2] + b"\x00" * 40 + good[-2:])
+    pre = Preprocess((32, 32), "bilinear", 0.875)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = load_image(path, pre)
+    assert decodes == [False]
+    assert np.array_equal(out, load_image(good, pre))
+    assert capfd.readouterr().err == ""
 
 
 def test_plain_jpegs_take_the_fast_decode_and_match_the_fallback(
@@ -44,7 +75,7 @@ def test_plain_jpegs_take_the_fast_decode_and_match_the_fallback(
     path = make_image(tmp_path / "x.jpg", (50, 40), quality=90)
     fast = load_image(path, pre)
     assert decodes == [True]
-    monkeypatch.setattr(fast_pixels, "decode_jpeg", lambda data: None)  # torchvision gone
+    monkeypatch.setattr(fast_pixels, "decode_jpeg", lambda data: None)  # simplejpeg missing
     assert np.array_equal(load_image(path, pre), fast)
 
 

@@ -82,6 +82,18 @@ def test_early_stop_cancels_queued_batches_and_ends_the_threads(
     assert len(decoded) <= 2 * 2 + 1  # the prefetched ones and the refill, not all 55
 
 
+def test_an_unexpected_error_reaches_the_consumer_and_ends_the_threads(
+    sources: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(path: str, pre: Preprocess, *, max_pixels: int) -> np.ndarray:
+        raise MemoryError("out of memory while decoding")  # not an unusable image
+
+    monkeypatch.setattr(loader, "load_image", broken)
+    with pytest.raises(MemoryError, match="decoding"):
+        list(iter_decoded(sources, PRE, batch_size=2, workers=2))
+    assert _decode_threads() == []
+
+
 def test_empty_input_and_bad_batch_size() -> None:
     assert list(iter_decoded([], PRE, workers=2)) == []
     with pytest.raises(ValueError, match="batch_size"):

@@ -185,7 +185,7 @@ class FeatureExtractor:
                     waiting.append([misses[j] for j in batch.indices])
                     yield batch.images
 
-        # The engine is built once a batch is decoded (the workers decode on meanwhile; none is
+        # The engine is built once a batch is decoded (the threads decode on meanwhile; none is
         # built when every image fails) and may run a batch while the next is pulled
         # (runtime.map): in order.
         batches = decoded()

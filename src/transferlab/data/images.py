@@ -168,11 +168,7 @@ def load_image(
     # torch resizes the whole image; a panorama's would dwarf the crop: Pillow does the window.
     if fast and resized_w * resized_h <= _FAST_MAX_AREA * crop_w * crop_h:
         return fast_pixels.resize_crop(pixels, (resized_w, resized_h), window, pre.interpolation)
-    img = (
-        pixels
-        if isinstance(pixels, Image.Image)
-        else Image.fromarray(pixels.numpy().transpose(1, 2, 0))
-    )
+    img = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)
     if left < 0 or top < 0 or resample == Image.Resampling.NEAREST:
         # Plain resize-then-crop: nearest is cheap anyway, and a resized image smaller than the
         # crop (crop_pct > 1) is padded with black, as torchvision's center_crop does.
@@ -286,8 +282,8 @@ def _decode(
     ``want(w, h)`` maps the displayed (oriented) header size to the smallest size the caller needs;
     for JPEGs it is asked before decoding, to draft-decode. Returns the image and ``want``'s answer
     (the oriented header size when ``want`` is None). With ``fast``, a JPEG that needs no draft,
-    rotation or colour conversion comes back as torchvision decodes it, a ``(3, H, W)`` uint8
-    tensor with the same pixels; anything torchvision refuses is left to Pillow.
+    rotation or colour conversion comes back from :func:`.fast_pixels.decode_jpeg`, a uint8
+    ``(H, W, 3)`` array with the same pixels; anything it refuses is left to Pillow.
     """
     name, data = _describe(source)
     try:

@@ -10,7 +10,10 @@ Against the worker processes this replaced, on the 2-core box with OpenVINO runn
 Batches are fixed slices of the input (batch ``k`` holds ``sources[k*batch_size:(k+1)*batch_size]``
 minus failures), produced in order, a bounded number ahead of the consumer so memory stays flat on
 any dataset size. Closing the iterator early (or Ctrl-C in the consumer) cancels queued batches
-and waits for the ones being decoded, a batch at most per thread.
+and waits for the ones being decoded, a batch at most per thread. An error other than an
+unusable image (reported per file) reaches the consumer; a decoder that crashes the process
+(a segfault, the OOM killer) now takes the caller with it, where a worker process used to die
+alone.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from transferlab.data.images import MAX_PIXELS, load_image
 from transferlab.errors import ImageError
@@ -76,6 +80,9 @@ def iter_decoded(
 
 
 def _iter_threads(jobs: list[_Job], n_workers: int) -> Iterator[DecodedBatch]:
+    # Pillow registers its format plugins on first use; threads doing that at once can find a
+    # valid file "unidentified" (Image.open compares the registry around init()): do it here.
+    Image.init()
     pending: deque[Future[DecodedBatch]] = deque()
     pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="transferlab-decode")
     try:

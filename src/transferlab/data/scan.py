@@ -7,6 +7,12 @@ found in a fraction of the time a real decode takes, before any strategy trips o
 With a scan index (:mod:`~transferlab.data.scan_index`, one per dataset root) only new or changed
 files are read: the others are a ``stat`` and a row of the index, failures included (a corrupt
 file stays skipped, without being decoded again, until it changes).
+
+The first read of a large folder runs in worker processes (Pillow's header parsing is Python
+code, which threads would serialize). Workers run only Pillow, hashlib and this package's data
+modules, so they start under any start method; under spawn or forkserver (macOS, Windows, and
+Linux from Python 3.14) a script that calls ``fit`` needs the usual
+``if __name__ == "__main__":`` guard.
 """
 
 from __future__ import annotations

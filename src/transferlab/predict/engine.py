@@ -80,9 +80,9 @@ class RunSummary:
 class PredictionEngine:
     """A classifier's body runtime + head, fed by the shared decoder.
 
-    ``batch_size``: images per inference call. ``workers``: decode processes (None: the
-    classifier's extractor setting, i.e. every core for a loaded model; 0: decode in this
-    process). ``threshold``: label :data:`UNKNOWN` when the top probability is below it.
+    ``batch_size``: images per inference call. ``workers``: decode threads (None: the
+    classifier's extractor setting, i.e. every core for a loaded model; 0: decode in the
+    caller's thread). ``threshold``: label :data:`UNKNOWN` when the top probability is below it.
     ``max_pixels``: decompression-bomb limit (None: the model's config).
     """
 
