@@ -309,8 +309,8 @@ def _decode(
             img.draft("RGB", (max(1, need_w), max(1, need_h)))
             plain = orientation in (None, 1) and img.mode in ("RGB", "L")
             if fast and plain and img.size == (header_w, header_h):  # no draft scaling
-                fh.seek(0)
-                pixels = fast_pixels.decode_jpeg(fh.read())
+                fh.seek(0)  # an upload's bytes are at hand: no second copy of them
+                pixels = fast_pixels.decode_jpeg(data if data is not None else fh.read())
                 if pixels is not None:
                     return pixels, (need_w, need_h)
         try:
